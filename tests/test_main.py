@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+import main
+import utils
+from conftest import REAL_MNIST, make_synthetic_mnist
+from models import ModelConfig, build_model
+
+FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconstruction.png", "loss_curves.png"]
+
+
+def flags(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--checkpoint-dir", str(out / "checkpoints"),
+            "--figure-dir", str(out / "figures"), "--epochs", "1", *extra]
+
+
+def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_path):
+    """One short epoch on the real MNIST when ../shared has it (synthetic IDX files otherwise)."""
+    data_dir = REAL_MNIST if REAL_MNIST.is_dir() else make_synthetic_mnist(tmp_path / "mnist")
+    trained = main.main(flags(data_dir, tmp_path))
+    for name in ["vae.pt", "ae.pt"]:
+        assert (tmp_path / "checkpoints" / name).is_file()
+    figure_dir = tmp_path / "figures"
+    for name in FIGURES:
+        (figure_dir / name).unlink()  # --eval must write them again
+    (figure_dir / "metrics.json").unlink()
+
+    evaluated = main.main(flags(data_dir, tmp_path, "--eval", "--latent-dim", "7"))  # flags must not matter
+    for name in FIGURES:
+        assert (figure_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    on_disk = json.loads((figure_dir / "metrics.json").read_text())
+    for kind in ["vae", "ae"]:
+        assert on_disk[kind]["config"]["latent_dim"] == 20
+        assert on_disk[kind]["epochs"] == 1
+        assert on_disk[kind]["test"] == trained[kind]["test"] == evaluated[kind]["test"]
+    assert set(on_disk["vae"]["test"]) == {"loss", "bce", "kl"}
+    if data_dir == REAL_MNIST:  # after one epoch both models are far below the untrained 543 nats
+        assert on_disk["vae"]["test"]["loss"] < 140 and on_disk["ae"]["test"]["loss"] < 100
+
+
+def trained_weights(data_dir, out, seed):
+    main.main(flags(data_dir, out, "--seed", str(seed), "--models", "vae", "--hidden-dim", "16"))
+    return utils.load_checkpoint(out / "checkpoints" / "vae.pt")["model"]
+
+
+def test_same_seed_gives_identical_weights(synthetic_mnist, tmp_path):
+    first = trained_weights(synthetic_mnist, tmp_path / "a", seed=3)
+    second = trained_weights(synthetic_mnist, tmp_path / "b", seed=3)
+    other = trained_weights(synthetic_mnist, tmp_path / "c", seed=4)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_one_model_alone_trains_exactly_as_beside_the_other(synthetic_mnist, tmp_path):
+    main.main(flags(synthetic_mnist, tmp_path / "both", "--hidden-dim", "16"))
+    main.main(flags(synthetic_mnist, tmp_path / "ae", "--hidden-dim", "16", "--models", "ae"))
+    both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / "ae.pt")["model"]
+    alone = utils.load_checkpoint(tmp_path / "ae" / "checkpoints" / "ae.pt")["model"]
+    assert all(torch.equal(both[name], alone[name]) for name in both)
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    config = ModelConfig(kind="vae", latent_dim=4, hidden_dim=8)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 784))[0].backward()
+    optimizer.step()
+    path = tmp_path / "vae.pt"
+    utils.save_checkpoint(path, {"config": vars(config), "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "epoch": 3, "history": [{"epoch": 3}],
+                                 "args": {"seed": 0, "models": ["vae"], "device": "auto"}})
+    loaded = utils.load_checkpoint(path)
+    rebuilt = build_model(ModelConfig(**loaded["config"]))
+    rebuilt.load_state_dict(loaded["model"])
+    x = torch.rand(5, 784)
+    assert torch.equal(rebuilt.encode(x), model.encode(x))
+    assert loaded["epoch"] == 3 and loaded["optimizer"]["state"][0]["step"] == 1
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ae.pt"
+    utils.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(3)}, "history": []})
+
+    def crash_half_way(obj, file):
+        with open(file, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(OSError):
+        utils.save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(3)}, "history": []})
+    assert torch.equal(utils.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("content, words", [(None, "no checkpoint at"), (b"not a checkpoint", "not a readable")])
+def test_eval_with_a_bad_checkpoint_is_one_clear_line(synthetic_mnist, tmp_path, content, words):
+    if content is not None:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "vae.pt").write_bytes(content)
+    with pytest.raises(SystemExit) as exited:
+        main.main(flags(synthetic_mnist, tmp_path, "--eval"))
+    message = str(exited.value.code)
+    assert message.startswith("error: ") and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--lr", "-1"], ["--batch-size", "x"], ["--models", "gan"]])
+def test_invalid_flags_exit_with_code_2(bad, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main.parse_args(bad)
+    assert exited.value.code == 2
+    assert bad[0] in capsys.readouterr().err
