@@ -6,7 +6,6 @@ main.py treats them alike: `loss, parts = model(x)`. Images are flattened to 784
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,12 +22,32 @@ def mlp(in_dim, hidden_dim, out_dim):
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
 
 
+class _SummedBCEWithLogits(torch.autograd.Function):
+    """sum(softplus(l) - x * l) over all elements, with its exact gradient sigmoid(l) - x.
+
+    Same value as F.binary_cross_entropy_with_logits(reduction="sum") to within 1e-7 nats per pixel, but
+    built from exp and log, which are vectorized on the CPU, where log1p (which that function uses) is not:
+    it was a quarter of the whole training step. softplus(l) = max(l, 0) + log(1 + exp(-|l|)) never overflows.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, x):
+        ctx.save_for_backward(logits, x)
+        softplus = logits.clamp(min=0) + torch.log(1 + torch.exp(-logits.abs()))
+        return (softplus - x * logits).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, x = ctx.saved_tensors
+        return grad * (torch.sigmoid(logits) - x), None  # the pixels x are data: no gradient
+
+
 def bernoulli_nll(logits, x):
     """-log p(x | z) under independent Bernoulli pixels: BCE summed over pixels, mean over the batch.
 
     logits, x: (B, 784). Grey pixels in [0, 1] are used as soft targets, as in the classic tutorials.
     """
-    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+    return _SummedBCEWithLogits.apply(logits, x) / x.shape[0]
 
 
 def kl_to_standard_normal(mu, logvar):

@@ -91,3 +91,19 @@ def test_a_few_steps_overfit_one_batch(kind):
     # binary pixels have a BCE floor of 0; an untrained model sits near 784 * log 2 = 543 nats
     assert first_loss > 400
     assert loss.item() < 0.1 * first_loss
+
+
+def test_bernoulli_nll_matches_torch_on_extreme_logits():
+    import torch.nn.functional as F
+    from models import bernoulli_nll
+
+    logits = torch.cat([torch.linspace(-120, 120, 783)[None], 8 * torch.randn(7, 783)])  # the first row holds 0
+    logits = torch.cat([logits, torch.zeros(8, 1)], dim=1)
+    x = torch.rand(8, 784)
+    x[0, ::2] = 0.0
+    x[0, 1::2] = 1.0
+    expected = F.binary_cross_entropy_with_logits(logits.double(), x.double(), reduction="sum") / 8
+    assert bernoulli_nll(logits, x).item() == pytest.approx(expected.item(), rel=1e-6)
+    logits.requires_grad_()
+    bernoulli_nll(logits, x).backward()
+    assert torch.allclose(logits.grad, (torch.sigmoid(logits) - x) / 8, atol=1e-7)
