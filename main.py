@@ -6,6 +6,7 @@
 """
 import argparse
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -32,8 +33,13 @@ def positive(kind):
     return parse
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python main.py --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train a VAE and a plain AE on MNIST and compare them with figures and metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -54,18 +60,29 @@ def parse_args(argv):
                         help="which models to train or evaluate")
     parser.add_argument("--eval", action="store_true",
                         help="no training: rebuild models from the checkpoints, write figures and metrics")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training from the checkpoints (weights, optimizer, RNG states, history) "
+                             "up to --epochs in total; lr, batch size and seed come from the checkpoint")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.eval and args.resume:
+        parser.error("--eval and --resume exclude each other: --eval trains nothing")
+    args.argv = [word for word in argv if word != "--resume"]  # to print the command that resumes this run
     args.models = list(dict.fromkeys(args.models))  # drop repeats, keep order
     return args
 
 
-def train_epoch(model, optimizer, images, *, batch_size, shuffle, description):
-    """One pass over `images` (N, 784) in a random order; returns the mean loss and parts per image."""
+def train_epoch(model, optimizer, images, *, batch_size, shuffle, description, stop=None):
+    """One pass over `images` (N, 784) in a random order; returns the mean loss and parts per image.
+
+    Raises NonFiniteLoss if the loss is NaN or infinite; returns None, leaving the model mid-epoch,
+    as soon as `stop` (a StopRequest) has been signalled.
+    """
     model.train()
     order = torch.randperm(len(images), generator=shuffle, device=images.device)
     totals, seen = {}, 0
     progress = tqdm(range(0, len(images), batch_size), desc=description, leave=False, mininterval=0.5)
-    for step, start in enumerate(progress):
+    for step, start in enumerate(progress, start=1):
         batch = images[order[start:start + batch_size]]  # (B, 784)
         loss, parts = model(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -74,9 +91,39 @@ def train_epoch(model, optimizer, images, *, batch_size, shuffle, description):
         for name, value in {"loss": loss.detach(), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value * len(batch)
         seen += len(batch)
-        if step % 50 == 0:  # reading the loss waits for the device, so not every step
-            progress.set_postfix(loss=f"{totals['loss'].item() / seen:.2f}")
+        if step % 50 == 0 or seen == len(images):  # reading the loss waits for the device, so not every step
+            running_loss = totals["loss"].item() / seen
+            if not math.isfinite(running_loss):
+                raise NonFiniteLoss(step)
+            progress.set_postfix(loss=f"{running_loss:.2f}")
+        if stop is not None and stop.signal_name:
+            progress.close()
+            return None
     return {name: (total / seen).item() for name, total in totals.items()}
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
+class StopRequest:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into a request that the loop reads after each step."""
+
+    def __init__(self):
+        self.signal_name = None
+
+    def __enter__(self):
+        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, number, frame):
+        self.signal_name = signal.Signals(number).name
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def make_optimizer(model, lr, device):
@@ -89,60 +136,98 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train(kind, args, train_images, test_images, device):
-    """Train one model from scratch; checkpoint after every epoch; return the last checkpoint dict."""
-    torch.manual_seed(args.seed)  # each model starts from the same seed, so one model's run does not depend on another's
-    config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim)
-    model = build_model(config).to(device)
-    optimizer = make_optimizer(model, args.lr, device)
-    shuffle = torch.Generator(device=device).manual_seed(args.seed)
+def restore_model(checkpoint, kind, path, device):
+    """Rebuild the model stored in `checkpoint` (read from `path`) from its own config."""
+    config = ModelConfig(**checkpoint["config"])
+    if config.kind != kind:
+        raise utils.ProjectError(f"{path} holds the {config.kind.upper()} model, not the {kind.upper()}; "
+                                 f"restore the right file or retrain with --models {kind}")
+    model = build_model(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise utils.ProjectError(f"{path}: the weights do not fit the model its config describes ({config}); "
+                                 "the file is damaged or from another version: retrain") from None
+    return config, model.to(device)
+
+
+def rng_states(shuffle, device):
+    states = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def train(kind, args, train_images, test_images, device, stop, resume_from=None):
+    """Train one model, or continue the one in the checkpoint `resume_from`; checkpoint after every epoch;
+    return the last checkpoint."""
     path = Path(args.checkpoint_dir) / f"{kind}.pt"
     name = DISPLAY_NAMES[kind]
-    history = []
-    for epoch in range(1, args.epochs + 1):
+    shuffle = torch.Generator(device=device)
+    checkpoint = resume_from
+    if checkpoint is not None:
+        config, model = restore_model(checkpoint, kind, path, device)
+        optimizer = make_optimizer(model, checkpoint["args"]["lr"], device)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        batch_size, history = checkpoint["args"]["batch_size"], checkpoint["history"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        shuffle.set_state(checkpoint["rng"]["shuffle"])
+        if device.type == "cuda" and "cuda" in checkpoint["rng"]:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        print(f"{name}: resuming {path} after epoch {checkpoint['epoch']} (its lr, batch size and seed; "
+              f"--epochs {args.epochs} is the new total)")
+    else:
+        torch.manual_seed(args.seed)  # each model starts from the seed, so one model's run does not depend on another's
+        shuffle.manual_seed(args.seed)
+        config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim)
+        model = build_model(config).to(device)
+        optimizer = make_optimizer(model, args.lr, device)
+        batch_size, history = args.batch_size, []
+    for epoch in range(len(history) + 1, args.epochs + 1):
         sync(device)
         epoch_start = time.perf_counter()
-        train_parts = train_epoch(model, optimizer, train_images, batch_size=args.batch_size, shuffle=shuffle,
-                                  description=f"{name} epoch {epoch}/{args.epochs}")
+        try:
+            train_parts = train_epoch(model, optimizer, train_images, batch_size=batch_size, shuffle=shuffle,
+                                      description=f"{name} epoch {epoch}/{args.epochs}", stop=stop)
+        except NonFiniteLoss as failure:
+            raise utils.ProjectError(
+                f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step}; try a lower --lr "
+                f"(it was {optimizer.param_groups[0]['lr']}); {path} keeps the last good epoch"
+            ) from None
+        if train_parts is None:
+            saved = f"{path} holds epoch {epoch - 1}" if history else f"no {name} epoch was complete"
+            raise utils.ProjectError(
+                f"stopped by {stop.signal_name} during {name} epoch {epoch}; {saved}; continue with: "
+                f"python main.py {' '.join(args.argv)} --resume", exit_code=130)
         sync(device)
         train_seconds = time.perf_counter() - epoch_start
-        if not math.isfinite(train_parts["loss"]):
-            raise utils.ProjectError(
-                f"{name} training loss became {train_parts['loss']} in epoch {epoch}; "
-                f"try a lower --lr (now {args.lr}); {path} keeps the last good epoch"
-            )
         test_parts = utils.evaluate_loss(model, test_images)
-        history.append({"epoch": epoch, "train": train_parts, "test": test_parts, "train_seconds": train_seconds})
+        history.append({"epoch": epoch, "train": train_parts, "test": test_parts, "train_seconds": train_seconds,
+                        "epoch_seconds": time.perf_counter() - epoch_start})
         checkpoint = {
             "config": asdict(config),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "history": history,
-            "args": vars(args),
+            "args": {**resume_from["args"], "epochs": args.epochs} if resume_from else vars(args),
+            "rng": rng_states(shuffle, device),  # after the test pass, whose sampling also draws from it
             "device": str(device),
         }
         utils.save_checkpoint(path, checkpoint)
-        history[-1]["epoch_seconds"] = time.perf_counter() - epoch_start
         parts = "  ".join(f"{key} {value:.2f}" for key, value in test_parts.items() if key != "loss")
         tqdm.write(f"{name} epoch {epoch:3d}/{args.epochs}  train {train_parts['loss']:.2f}  "
                    f"test {test_parts['loss']:.2f} ({parts})  {history[-1]['epoch_seconds']:.1f}s")
+    if checkpoint is resume_from:
+        print(f"{name}: {path} already holds {len(history)} epochs; nothing to train")
     return checkpoint
 
 
-def report(checkpoints, train_images, test_images, test_labels, figure_dir, device):
+def report(checkpoints, train_images, test_images, test_labels, checkpoint_dir, figure_dir, device):
     """Rebuild each model from its checkpoint, write metrics.json and every figure."""
     models, metrics = {}, {}
     for kind, checkpoint in checkpoints.items():
-        config = ModelConfig(**checkpoint["config"])
-        model = build_model(config)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError:
-            raise utils.ProjectError(
-                f"the {kind} checkpoint's weights do not match its stored config {config}; retrain it"
-            ) from None
-        model.to(device)
+        _, model = restore_model(checkpoint, kind, Path(checkpoint_dir) / f"{kind}.pt", device)
         models[DISPLAY_NAMES[kind]] = model
         history = checkpoint["history"]
         train_seconds = sum(record["train_seconds"] for record in history)
@@ -177,16 +262,25 @@ def run(args):
     device = utils.pick_device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~10-bit mantissa products, fp32 accumulation
+    paths = {kind: Path(args.checkpoint_dir) / f"{kind}.pt" for kind in args.models}
     if args.eval:  # load checkpoints first: a missing one should fail before the data is read
-        checkpoints = {kind: utils.load_checkpoint(Path(args.checkpoint_dir) / f"{kind}.pt") for kind in args.models}
+        checkpoints = {kind: utils.load_checkpoint(path) for kind, path in paths.items()}
+    else:
+        # --resume continues what is there; a model with no checkpoint yet (stopped before it began) starts fresh
+        resume_from = {kind: utils.load_checkpoint(path) for kind, path in paths.items() if args.resume and path.exists()}
     data = utils.load_mnist(args.data_dir)
+    for folder in (args.figure_dir,) if args.eval else (args.checkpoint_dir, args.figure_dir):
+        utils.check_writable(folder)
     train_images = utils.to_model_input(data["train"][0], device)  # (60000, 784) float in [0, 1]
     test_images = utils.to_model_input(data["test"][0], device)  # (10000, 784)
     test_labels = data["test"][1]
     print(f"device {device}: {len(train_images)} training and {len(test_images)} test images from {args.data_dir}/")
     if not args.eval:
-        checkpoints = {kind: train(kind, args, train_images, test_images, device) for kind in args.models}
-    metrics = report(checkpoints, train_images, test_images, test_labels, args.figure_dir, device)
+        with StopRequest() as stop:
+            checkpoints = {kind: train(kind, args, train_images, test_images, device, stop, resume_from.get(kind))
+                           for kind in args.models}
+    metrics = report(checkpoints, train_images, test_images, test_labels, args.checkpoint_dir, args.figure_dir,
+                     device)
     for kind in args.models:
         m = metrics[kind]
         print(f"{DISPLAY_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image after {m['epochs']} epochs, "
@@ -200,7 +294,8 @@ def main(argv=None):
     try:
         return run(args)
     except utils.ProjectError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Data, checkpoints, metrics and figures. Nothing here runs at import time."""
 import gzip
 import json
+import math
 import os
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -20,7 +22,11 @@ IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes, 3 di
 
 
 class ProjectError(Exception):
-    """A problem the user can fix; main() prints it as one line, without a traceback."""
+    """A problem the user can fix; main() prints it as one line, without a traceback, and exits with exit_code."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------- data
@@ -45,7 +51,7 @@ def read_idx(path, kind):
             "check the file name or download it again"
         )
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) != header_bytes + int(np.prod(shape)):
+    if len(raw) != header_bytes + math.prod(shape):  # Python ints: no overflow on a corrupt header
         raise ProjectError(
             f"{path} is truncated or padded: its header says {shape} but it holds "
             f"{len(raw) - header_bytes} bytes of data; download it again"
@@ -137,6 +143,16 @@ def write_atomically(path, write):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_writable(folder):
+    """Fail before training, not after it, when results could not be saved."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ProjectError(f"cannot write to {folder}/ ({error.strerror}); pick another folder or fix its permissions") from None
 
 
 def save_checkpoint(path, checkpoint):

@@ -1,9 +1,11 @@
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import main
 import utils
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -37,3 +39,16 @@ def make_synthetic_mnist(folder, *, n_train=256, n_test=64, compress=True, seed=
 @pytest.fixture
 def synthetic_mnist(tmp_path):
     return make_synthetic_mnist(tmp_path / "mnist")
+
+
+def run_expecting_error(argv, capsys):
+    """Run main(argv), which must fail; return its exit code and the one line it printed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main.main([str(word) for word in argv])
+    stderr = capsys.readouterr().err
+    lines = [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip()]  # progress bars use \r
+    printed = lines[-1]
+    assert printed.startswith("error: ") and "Traceback" not in stderr, stderr
+    assert sum(line.startswith("error") for line in lines) == 1, stderr
+    return exited.value.code, printed

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import main
 import utils
-from conftest import make_synthetic_mnist, write_idx
+from conftest import make_synthetic_mnist, run_expecting_error, write_idx
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -89,9 +88,7 @@ def test_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
 
 def test_main_prints_the_error_without_a_traceback(synthetic_mnist, tmp_path, capsys):
     corrupt_truncated_gzip(synthetic_mnist / "train-labels-idx1-ubyte.gz")
-    with pytest.raises(SystemExit) as exited:
-        main.main(["--data-dir", str(synthetic_mnist), "--epochs", "1",
-                   "--checkpoint-dir", str(tmp_path / "ck"), "--figure-dir", str(tmp_path / "fig")])
-    message = str(exited.value.code)
-    assert message.startswith("error: ") and "train-labels-idx1-ubyte.gz" in message
+    code, printed = run_expecting_error(["--data-dir", synthetic_mnist, "--epochs", "1", "--checkpoint-dir",
+                                         tmp_path / "ck", "--figure-dir", tmp_path / "fig"], capsys)
+    assert code == 1 and "train-labels-idx1-ubyte.gz" in printed
     assert not (tmp_path / "ck").exists()  # nothing trained, nothing written

@@ -5,7 +5,7 @@ import torch
 
 import main
 import utils
-from conftest import REAL_MNIST, make_synthetic_mnist
+from conftest import REAL_MNIST, make_synthetic_mnist, run_expecting_error
 from models import ModelConfig, build_model
 
 FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconstruction.png", "loss_curves.png"]
@@ -97,19 +97,20 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, words", [(None, "no checkpoint at"), (b"not a checkpoint", "not a readable")])
-def test_eval_with_a_bad_checkpoint_is_one_clear_line(synthetic_mnist, tmp_path, content, words):
+def test_eval_with_a_bad_checkpoint_is_one_clear_line(synthetic_mnist, tmp_path, content, words, capsys):
     if content is not None:
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "vae.pt").write_bytes(content)
-    with pytest.raises(SystemExit) as exited:
-        main.main(flags(synthetic_mnist, tmp_path, "--eval"))
-    message = str(exited.value.code)
-    assert message.startswith("error: ") and words in message and "\n" not in message
+    code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, "--eval"), capsys)
+    assert code == 1 and words in printed
 
 
-@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--lr", "-1"], ["--batch-size", "x"], ["--models", "gan"]])
-def test_invalid_flags_exit_with_code_2(bad, capsys):
+@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--lr", "-1"], ["--batch-size", "x"], ["--models", "gan"],
+                                 ["--latent-dim", "0"], ["--hidden-dim", "-3"], ["--eval", "--resume"]])
+def test_invalid_flags_exit_with_code_2_and_one_line(bad, capsys):
     with pytest.raises(SystemExit) as exited:
         main.parse_args(bad)
     assert exited.value.code == 2
-    assert bad[0] in capsys.readouterr().err
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("error: ") and "\n" not in printed and "--help" in printed
+    assert bad[-2 if bad[0] != "--eval" else 0] in printed
