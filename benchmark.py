@@ -144,8 +144,6 @@ def main_benchmark(argv=None):
     parser.add_argument("--models", nargs="+", choices=["vae", "ae"], default=["vae", "ae"])
     args = parser.parse_args(argv)
     device = utils.pick_device(args.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
     try:
         train_uint8 = utils.load_mnist(args.data_dir)["train"][0]
     except utils.ProjectError as error:

@@ -161,7 +161,7 @@ def rng_states(shuffle, device):
 def train(kind, args, train_images, test_images, device, stop, resume_from=None):
     """Train one model, or continue the one in the checkpoint `resume_from`; checkpoint after every epoch;
     return the last checkpoint."""
-    path = Path(args.checkpoint_dir) / f"{kind}.pt"
+    path = utils.checkpoint_path(args.checkpoint_dir, kind)
     name = DISPLAY_NAMES[kind]
     shuffle = torch.Generator(device=device)
     checkpoint = resume_from
@@ -227,7 +227,7 @@ def report(checkpoints, train_images, test_images, test_labels, checkpoint_dir, 
     """Rebuild each model from its checkpoint, write metrics.json and every figure."""
     models, metrics = {}, {}
     for kind, checkpoint in checkpoints.items():
-        _, model = restore_model(checkpoint, kind, Path(checkpoint_dir) / f"{kind}.pt", device)
+        _, model = restore_model(checkpoint, kind, utils.checkpoint_path(checkpoint_dir, kind), device)
         models[DISPLAY_NAMES[kind]] = model
         history = checkpoint["history"]
         train_seconds = sum(record["train_seconds"] for record in history)
@@ -260,9 +260,7 @@ def report(checkpoints, train_images, test_images, test_labels, checkpoint_dir, 
 
 def run(args):
     device = utils.pick_device(args.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~10-bit mantissa products, fp32 accumulation
-    paths = {kind: Path(args.checkpoint_dir) / f"{kind}.pt" for kind in args.models}
+    paths = {kind: utils.checkpoint_path(args.checkpoint_dir, kind) for kind in args.models}
     if args.eval:  # load checkpoints first: a missing one should fail before the data is read
         checkpoints = {kind: utils.load_checkpoint(path) for kind, path in paths.items()}
     else:
