@@ -145,7 +145,7 @@ def main_benchmark(argv=None):
     args = parser.parse_args(argv)
     device = utils.pick_device(args.device)
     try:
-        train_uint8 = utils.load_mnist(args.data_dir)["train"][0]
+        train_uint8 = utils.load_dataset(args.data_dir)["train"][0]
     except utils.ProjectError as error:
         raise SystemExit(f"error: {error}")
     train_images = utils.to_model_input(train_uint8, device)

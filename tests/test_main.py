@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,9 @@ import utils
 from conftest import REAL_MNIST, make_synthetic_mnist, run_expecting_error
 from models import ModelConfig, build_model
 
-FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconstruction.png", "loss_curves.png"]
+FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconstruction.png", "loss_curves.png",
+           "manifold.png", "latent_evolution.gif"]
+COMMITTED_CLASSIFIER = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier-mnist.pt"
 
 
 def flags(data_dir, out, *extra):
@@ -19,6 +23,9 @@ def flags(data_dir, out, *extra):
 def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_path):
     """One short epoch on the real MNIST when ../shared has it (synthetic IDX files otherwise)."""
     data_dir = REAL_MNIST if REAL_MNIST.is_dir() else make_synthetic_mnist(tmp_path / "mnist")
+    if data_dir == REAL_MNIST and COMMITTED_CLASSIFIER.is_file():  # its cache: training it would take a minute
+        (tmp_path / "checkpoints").mkdir()
+        shutil.copy(COMMITTED_CLASSIFIER, tmp_path / "checkpoints" / "classifier-mnist.pt")
     trained = main.main(flags(data_dir, tmp_path))
     for name in ["vae.pt", "ae.pt"]:
         assert (tmp_path / "checkpoints" / name).is_file()
@@ -29,15 +36,21 @@ def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_p
 
     evaluated = main.main(flags(data_dir, tmp_path, "--eval", "--latent-dim", "7"))  # flags must not matter
     for name in FIGURES:
-        assert (figure_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert (figure_dir / name).read_bytes()[:6] in (b"\x89PNG\r\n", b"GIF89a"), name
     on_disk = json.loads((figure_dir / "metrics.json").read_text())
     for kind in ["vae", "ae"]:
         assert on_disk[kind]["config"]["latent_dim"] == 20
         assert on_disk[kind]["epochs"] == 1
         assert on_disk[kind]["test"] == trained[kind]["test"] == evaluated[kind]["test"]
+    assert on_disk["vae"]["test_nll_iwae"] == trained["vae"]["test_nll_iwae"] == evaluated["vae"]["test_nll_iwae"]
+    assert on_disk["samples"] == trained["samples"] == evaluated["samples"]
     assert set(on_disk["vae"]["test"]) == {"loss", "bce", "kl"}
+    assert len(on_disk["samples"]) == 3  # VAE prior, AE prior, AE fitted Gaussian
     if data_dir == REAL_MNIST:  # after one epoch both models are far below the untrained 543 nats
         assert on_disk["vae"]["test"]["loss"] < 140 and on_disk["ae"]["test"]["loss"] < 100
+        # the IWAE bound is tighter than the ELBO, and the classifier that scores samples reads digits
+        assert on_disk["vae"]["test_nll_iwae"]["nats"] < on_disk["vae"]["test"]["loss"]
+        assert on_disk["classifier"]["test_accuracy"] > 0.97
 
 
 def trained_weights(data_dir, out, seed):
@@ -114,3 +127,41 @@ def test_invalid_flags_exit_with_code_2_and_one_line(bad, capsys):
     printed = capsys.readouterr().err.strip()
     assert printed.startswith("error: ") and "\n" not in printed and "--help" in printed
     assert bad[-2 if bad[0] != "--eval" else 0] in printed
+
+
+def test_research_options_are_stored_and_eval_reproduces_them(synthetic_mnist, tmp_path):
+    options = ["--models", "vae", "--epochs", "2", "--arch", "conv", "--hidden-dim", "16", "--binarize", "static",
+               "--beta", "2", "--kl-warmup", "1", "--lr-schedule", "cosine", "--nll-samples", "10"]
+    trained = main.main(flags(synthetic_mnist, tmp_path, *options))
+    evaluated = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "10"))
+    vae = evaluated["vae"]
+    assert vae["config"]["arch"] == "conv" and vae["config"]["beta"] == 2.0 and vae["binarize"] == "static"
+    assert vae["test"] == trained["vae"]["test"] and vae["test_nll_iwae"] == trained["vae"]["test_nll_iwae"]
+    assert vae["flags"]["lr_schedule"] == "cosine" and vae["flags"]["kl_warmup"] == 1.0
+    assert set(evaluated["samples"]) == {"VAE, z ~ N(0, I)"}
+
+
+def test_fashion_mnist_run_and_eval_follow_the_checkpoints_dataset(synthetic_mnist, tmp_path):
+    main.main(flags(synthetic_mnist, tmp_path, "--dataset", "fashion-mnist", "--hidden-dim", "16"))
+    assert (tmp_path / "checkpoints" / "classifier-fashion-mnist.pt").is_file()
+    evaluated = main.main(flags(synthetic_mnist, tmp_path, "--eval"))  # no --dataset: the checkpoints say which
+    assert evaluated["dataset"] == "fashion-mnist"
+
+
+def test_latent_study_keeps_each_run_apart_and_compares_them(synthetic_mnist, tmp_path):
+    from PIL import Image
+
+    study_flags = flags(synthetic_mnist, tmp_path, "--hidden-dim", "16", "--epochs", "2", "--latent-study", "2", "3")
+    trained = main.main(study_flags)
+    for size in (2, 3):
+        checkpoint = utils.load_checkpoint(tmp_path / "checkpoints" / f"latent-{size}" / "vae.pt")
+        assert checkpoint["config"]["latent_dim"] == size
+        assert (tmp_path / "figures" / f"latent-{size}" / "metrics.json").is_file()
+        with Image.open(tmp_path / "figures" / f"latent-{size}" / "latent_evolution.gif") as gif:
+            assert gif.n_frames == 2  # one frame per epoch
+    assert set(trained) == {"2", "3"} and set(trained["2"]) == {"vae", "ae"}
+    assert {"mse", "psnr", "ssim", "test_loss", "test_nll_iwae"} <= set(trained["2"]["vae"])
+    assert (tmp_path / "figures" / "latent_study.png").is_file()
+    (tmp_path / "figures" / "latent_study.json").unlink()
+    evaluated = main.main([*study_flags, "--eval"])
+    assert evaluated == trained == json.loads((tmp_path / "figures" / "latent_study.json").read_text())

@@ -8,9 +8,12 @@ from models import VAE, Autoencoder, ModelConfig, build_model, kl_to_standard_no
 KINDS = ["vae", "ae"]
 
 
-def tiny(kind, latent_dim=3):
+ARCHITECTURES = [dict(arch="mlp"), dict(arch="mlp", hidden_layers=2), dict(arch="conv")]
+
+
+def tiny(kind, latent_dim=3, **architecture):
     torch.manual_seed(0)
-    return build_model(ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dim=32))
+    return build_model(ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dim=32, **architecture))
 
 
 def binary_batch(n=16, seed=0):
@@ -18,9 +21,10 @@ def binary_batch(n=16, seed=0):
     return (torch.rand(n, 784, generator=generator) > 0.7).float()
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=["mlp", "mlp2", "conv"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_shapes_and_finite_loss(kind):
-    model = tiny(kind)
+def test_shapes_and_finite_loss(kind, architecture):
+    model = tiny(kind, **architecture)
     x = binary_batch()
     assert model.encode(x).shape == (16, 3)
     assert model.decode(torch.zeros(5, 3)).shape == (5, 784)
@@ -37,9 +41,10 @@ def test_build_model_picks_class():
     assert type(tiny("ae")) is Autoencoder
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=["mlp", "mlp2", "conv"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_reach_every_parameter(kind):
-    model = tiny(kind)
+def test_gradients_reach_every_parameter(kind, architecture):
+    model = tiny(kind, **architecture)
     loss, _ = model(binary_batch())
     loss.backward()
     for name, parameter in model.named_parameters():
@@ -107,3 +112,10 @@ def test_bernoulli_nll_matches_torch_on_extreme_logits():
     logits.requires_grad_()
     bernoulli_nll(logits, x).backward()
     assert torch.allclose(logits.grad, (torch.sigmoid(logits) - x) / 8, atol=1e-7)
+
+
+def test_one_hidden_layer_keeps_the_parameter_names_of_earlier_checkpoints():
+    names = set(tiny("vae").state_dict())
+    assert names == {f"{part}.{index}.{tensor}" for part in ("encoder", "decoder") for index in (0, 2)
+                     for tensor in ("weight", "bias")}
+    assert len(tiny("vae", hidden_layers=3).state_dict()) == 2 * 4 * 2

@@ -30,10 +30,11 @@ def weights(out, kind):
     return utils.load_checkpoint(out / "checkpoints" / f"{kind}.pt")["model"]
 
 
-def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3"]], ids=["default", "dynamic"])
+def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, options):
     import main
-    main.main(flags(synthetic_mnist, tmp_path / "straight", 4))
-    main.main(flags(synthetic_mnist, tmp_path / "resumed", 2))
+    main.main(flags(synthetic_mnist, tmp_path / "straight", 4, *options))
+    main.main(flags(synthetic_mnist, tmp_path / "resumed", 2, *options))
     main.main(flags(synthetic_mnist, tmp_path / "resumed", 4, "--resume"))
     for kind in ["vae", "ae"]:
         straight, resumed = weights(tmp_path / "straight", kind), weights(tmp_path / "resumed", kind)
