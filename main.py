@@ -71,6 +71,9 @@ def parse_args(argv):
     parser.add_argument("--data-dir", default="data",
                         help="folder with the four MNIST IDX files (.gz or not, flat or MNIST/raw); "
                              "downloaded there by torchvision when none is found")
+    parser.add_argument("--quality-samples", type=positive(int), default=10_000,
+                        help="samples decoded from each sampler for the Frechet distance, confidence and class "
+                             "entropy scores")
     parser.add_argument("--dataset", choices=list(utils.DATASETS), default="mnist",
                         help="MNIST digits or Fashion-MNIST clothes (same format; --eval and --resume use the "
                              "checkpoints' own)")
@@ -291,7 +294,8 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
     return checkpoint
 
 
-def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_dir, device, nll_samples):
+def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_dir, device, *, nll_samples,
+           quality_samples):
     """Rebuild each model from its checkpoint, write metrics.json and every figure.
 
     data: {"train": (images, labels), "test": (images, labels)}, images (N, 784) grey on `device`.
@@ -302,7 +306,7 @@ def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_d
         classifier_path, train_images, train_labels, test_images, test_labels)
     test_features, _ = utils.classify(classifier, test_images)
     models, samplers = {}, {}
-    metrics = {"dataset": dataset, "classifier": {"file": str(classifier_path), "test_accuracy": classifier_accuracy}}
+    metrics = {"dataset": dataset, "quality_samples": quality_samples, "classifier": {"file": str(classifier_path), "test_accuracy": classifier_accuracy}}
     for kind, checkpoint in checkpoints.items():
         name = DISPLAY_NAMES[kind]
         _, model = restore_model(checkpoint, kind, utils.checkpoint_path(checkpoint_dir, kind), device)
@@ -333,7 +337,7 @@ def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_d
             fitted = utils.Gaussian.fitted(utils.encode_all(model, train_images))
             samplers[f"{name}, z ~ Gaussian fitted to its training codes"] = (model, fitted)
     metrics["samples"] = {
-        label: utils.sample_quality(classifier, utils.decode_images(model, gaussian.sample(10_000, seed=0)).flatten(1),
+        label: utils.sample_quality(classifier, utils.decode_images(model, gaussian.sample(quality_samples, seed=0)).flatten(1),
                                     test_features)
         for label, (model, gaussian) in samplers.items()
     }
@@ -358,7 +362,7 @@ METRICS_NOTES = (
     "targets are grey pixels as Bernoulli targets unless 'binarize' says otherwise (then the test set is one fixed "
     "Bernoulli sample). test_nll_iwae: importance-weighted estimate of -log p(x) with that many samples. "
     "reconstruction: decoded code (VAE: posterior mean) against the test image; mse per pixel, psnr in dB "
-    "(peak 1) and ssim (11x11 Gaussian window) against grey pixels. samples: 10,000 decoded samples scored by "
+    "(peak 1) and ssim (11x11 Gaussian window) against grey pixels. samples: decoded samples scored by "
     "the project's classifier of the dataset's ten classes (frechet_distance of its 128-D features to the test "
     "set's; share classified with confidence > 0.9; entropy of the predicted-class histogram in bits, 3.32 when "
     "all ten are equally common). latent: leave-one-out 5-nearest-neighbour class accuracy on test codes (VAE: "
@@ -437,7 +441,8 @@ def run(args):
                                            checkpoints.get(kind))
                                for kind in run_args.models}
         metrics = report(checkpoints, model_data, dataset, classifier_path, run_args.checkpoint_dir,
-                         run_args.figure_dir, device, args.nll_samples)
+                         run_args.figure_dir, device, nll_samples=args.nll_samples,
+                         quality_samples=args.quality_samples)
         print_summary(metrics, run_args)
         results[run_args.latent_dim] = metrics
     if not args.latent_study:

@@ -304,11 +304,12 @@ def ssim(images_a, images_b, *, window=11, sigma=1.5):
 
 
 @torch.inference_mode()
-def iwae_nll(model, images, num_samples, *, batch_size=100, chunk_size=500):
+def iwae_nll(model, images, num_samples, *, batch_size=50, chunk_size=100):
     """Importance-weighted estimate of -log p(x) per image (nats), mean over `images` (Burda et al. 2015):
     -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x). An upper bound on the NLL that tightens with K;
     K = 1 is the negative ELBO. Samples are drawn `chunk_size` at a time and combined with a running logsumexp,
-    so memory stays near chunk_size * batch_size * 784 floats whatever K is."""
+    so memory stays near chunk_size * batch_size * 784 floats whatever K is. 5,000 decoder rows a call was the
+    fastest on a 2-core CPU (3.0 s per 100,000 decodes of the default model, against 9.3 s with 50,000 rows)."""
     model.eval()
     total = 0.0
     for start in range(0, len(images), batch_size):
@@ -485,7 +486,7 @@ def show(ax, image, title=None):
 def plot_generation(samplers, path, *, n_side=8, seed=0):
     """samplers: {"VAE, z ~ N(0, I)": (model, Gaussian), ...}. Decode codes drawn from each: the VAE was trained
     for its prior, the AE was not; a Gaussian fitted to the AE's codes is its fair chance."""
-    figure = Figure(figsize=(4.2 * len(samplers), 4.8), layout="constrained")
+    figure = Figure(figsize=(4.2 * len(samplers) + 1.2, 4.8), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(samplers)))
     for ax, (label, (model, gaussian)) in zip(axes, samplers.items()):
         images = decode_images(model, gaussian.sample(n_side * n_side, seed))
@@ -623,7 +624,7 @@ def write_latent_evolution(histories, labels, dataset, path, *, seconds_per_fram
         return
     codes = {name: {r["epoch"]: r["codes"].float() for r in h if "codes" in r} for name, h in histories.items()}
     axes_of = {name: principal_axes(by_epoch[epochs[-1]]) for name, by_epoch in codes.items()}
-    limits = {name: 1.15 * max(3.5, float((by_epoch[epochs[-1]] @ axes_of[name]).abs().quantile(0.99)))
+    limits = {name: 1.15 * max(3.5, float((by_epoch[epochs[-1]] @ axes_of[name]).abs().quantile(0.998)))
               for name, by_epoch in codes.items()}
     labels = labels.cpu().numpy()
     frames = []
@@ -691,9 +692,13 @@ def plot_loss_curves(histories, path):
     axes = np.atleast_1d(figure.subplots(1, len(histories)))
     for ax, (name, history) in zip(axes, histories.items()):
         epochs = [record["epoch"] for record in history]
-        ax.plot(epochs, [record["train"]["loss"] for record in history], "o-", ms=3,
+        markers = len(history) <= 60
+        ax.plot(epochs, [record["train"]["loss"] for record in history], "o-" if markers else "-", ms=3,
                 label="train (running mean over the epoch)")
-        ax.plot(epochs, [record["test"]["loss"] for record in history], "s-", ms=3, label="test")
+        ax.plot(epochs, [record["test"]["loss"] for record in history], "s-" if markers else "-", ms=3, label="test")
+        if not markers:  # a long run: leave out the first 2% of epochs, which would flatten the rest
+            later = history[len(history) // 50:]
+            ax.set_ylim(top=max(max(r["train"]["loss"], r["test"]["loss"]) for r in later) + 1)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss per image (nats)")

@@ -15,9 +15,12 @@ FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconst
 COMMITTED_CLASSIFIER = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier-mnist.pt"
 
 
+FAST_SCORES = ["--quality-samples", "500", "--nll-samples", "10"]  # the defaults take seconds a call on a CPU
+
+
 def flags(data_dir, out, *extra):
     return ["--data-dir", str(data_dir), "--checkpoint-dir", str(out / "checkpoints"),
-            "--figure-dir", str(out / "figures"), "--epochs", "1", *extra]
+            "--figure-dir", str(out / "figures"), "--epochs", "1", *FAST_SCORES, *extra]
 
 
 def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_path):
