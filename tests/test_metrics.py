@@ -180,7 +180,7 @@ def test_ssim_known_answers():
     # two flat images a and b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
     a, b, c1 = 0.2, 0.6, 0.01**2
     flat_a, flat_b = torch.full((1, 784), a), torch.full((1, 784), b)
-    assert utils.ssim(flat_a, flat_b).item() == pytest.approx((2 * a * b + c1) / (a**2 + b**2 + c1), rel=1e-5)
+    assert utils.ssim(flat_a, flat_b).item() == pytest.approx((2 * a * b + c1) / (a**2 + b**2 + c1), rel=1e-4)
     noisy = (images + 0.2 * torch.randn(4, 784, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     assert torch.allclose(utils.ssim(images, noisy), utils.ssim(noisy, images))  # symmetric
     assert (utils.ssim(images, noisy) < 0.9).all()
