@@ -450,7 +450,10 @@ def load_or_train_classifier(path, train_images, train_labels, test_images, test
     """The scoring classifier cached at `path`; trained (about a minute on a CPU) and saved there the first time."""
     path = Path(path)
     if path.exists():
-        checkpoint = load_checkpoint(path)
+        try:
+            checkpoint = load_checkpoint(path)
+        except ProjectError as error:
+            raise ProjectError(f"{str(error).split('; ')[0]}; delete it and it is retrained") from None
         classifier = DigitClassifier()
         try:
             classifier.load_state_dict(checkpoint["model"])

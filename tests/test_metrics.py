@@ -184,3 +184,12 @@ def test_ssim_known_answers():
     noisy = (images + 0.2 * torch.randn(4, 784, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     assert torch.allclose(utils.ssim(images, noisy), utils.ssim(noisy, images))  # symmetric
     assert (utils.ssim(images, noisy) < 0.9).all()
+
+
+def test_a_damaged_classifier_cache_says_to_delete_it(tmp_path):
+    path = tmp_path / "classifier-mnist.pt"
+    path.write_bytes(b"not a checkpoint")
+    images, labels = torch.zeros(10, 784), torch.arange(10)
+    with pytest.raises(utils.ProjectError, match="classifier-mnist.pt is not a readable checkpoint.*delete it"):
+        utils.load_or_train_classifier(path, images, labels, images, labels)
+    assert path.read_bytes() == b"not a checkpoint"  # left as it was
