@@ -212,10 +212,9 @@ def rng_states(shuffle, device):
 EVOLUTION_IMAGES = 1000
 
 
-def training_options(flags):
-    """The flags that shape training, from a run's flags (checkpoints from before a flag existed get its default)."""
-    defaults = {"lr": 1e-3, "binarize": "none", "kl_warmup": 0.0, "lr_schedule": "constant"}
-    return {key: flags.get(key, default) for key, default in defaults.items()}
+def stored_flags(checkpoint):
+    """The flags a checkpoint was trained with; a flag added since it was written gets the parser's default."""
+    return {**vars(parse_args([])), **checkpoint["args"]}
 
 
 def train(kind, args, train_images, test_images, device, stop, resume_from=None):
@@ -227,10 +226,10 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
     checkpoint = resume_from
     if checkpoint is not None:
         config, model = restore_model(checkpoint, kind, path, device)
-        optimizer = make_optimizer(model, checkpoint["args"]["lr"], device)
+        flags = stored_flags(checkpoint)
+        optimizer = make_optimizer(model, flags["lr"], device)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        batch_size, history = checkpoint["args"]["batch_size"], checkpoint["history"]
-        schedule = training_options(checkpoint["args"])
+        batch_size, history = flags["batch_size"], checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         shuffle.set_state(checkpoint["rng"]["shuffle"])
         if device.type == "cuda" and "cuda" in checkpoint["rng"]:
@@ -245,19 +244,19 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None)
         model = build_model(config).to(device)
         optimizer = make_optimizer(model, args.lr, device)
         batch_size, history = args.batch_size, []
-        schedule = training_options(vars(args))
-    train_targets = utils.binarized(train_images, schedule["binarize"], "train")
-    test_targets = utils.binarized(test_images, schedule["binarize"], "test")
+        flags = vars(args)
+    train_targets = utils.binarized(train_images, flags["binarize"], "train")
+    test_targets = utils.binarized(test_images, flags["binarize"], "test")
     for epoch in range(len(history) + 1, args.epochs + 1):
         sync(device)
         epoch_start = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule["lr"], schedule["lr_schedule"], epoch, args.epochs)
+            group["lr"] = learning_rate(flags["lr"], flags["lr_schedule"], epoch, args.epochs)
         try:
             train_parts = train_epoch(model, optimizer, train_targets, batch_size=batch_size, shuffle=shuffle,
                                       description=f"{name} epoch {epoch}/{args.epochs}",
-                                      binarize=schedule["binarize"],
-                                      kl_warmup=kl_warmup_range(epoch, schedule["kl_warmup"]), stop=stop)
+                                      binarize=flags["binarize"],
+                                      kl_warmup=kl_warmup_range(epoch, flags["kl_warmup"]), stop=stop)
         except NonFiniteLoss as failure:
             raise utils.ProjectError(
                 f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step}; try a lower --lr "
@@ -306,16 +305,18 @@ def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_d
         classifier_path, train_images, train_labels, test_images, test_labels)
     test_features, _ = utils.classify(classifier, test_images)
     models, samplers = {}, {}
-    metrics = {"dataset": dataset, "quality_samples": quality_samples, "classifier": {"file": str(classifier_path), "test_accuracy": classifier_accuracy}}
+    metrics = {"dataset": dataset, "quality_samples": quality_samples,
+               "classifier": {"file": str(classifier_path), "test_accuracy": classifier_accuracy}}
     for kind, checkpoint in checkpoints.items():
         name = DISPLAY_NAMES[kind]
         _, model = restore_model(checkpoint, kind, utils.checkpoint_path(checkpoint_dir, kind), device)
         models[name] = model
-        binarize = training_options(checkpoint["args"])["binarize"]
+        flags = stored_flags(checkpoint)
+        binarize = flags["binarize"]
         # the training set is scored on one fixed binarization when training resampled it every time
         train_targets = utils.binarized(train_images, "static" if binarize == "dynamic" else binarize, "train")
         test_targets = utils.binarized(test_images, binarize, "test")
-        torch.manual_seed(checkpoint["args"]["seed"])  # the VAE's loss samples z: same seed, same numbers
+        torch.manual_seed(flags["seed"])  # the VAE's loss samples z: same seed, same numbers
         metrics[kind] = {
             "test": utils.evaluate_loss(model, test_targets),
             "train": utils.evaluate_loss(model, train_targets),
@@ -337,8 +338,8 @@ def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_d
             fitted = utils.Gaussian.fitted(utils.encode_all(model, train_images))
             samplers[f"{name}, z ~ Gaussian fitted to its training codes"] = (model, fitted)
     metrics["samples"] = {
-        label: utils.sample_quality(classifier, utils.decode_images(model, gaussian.sample(quality_samples, seed=0)).flatten(1),
-                                    test_features)
+        label: utils.sample_quality(
+            classifier, utils.decode_images(model, gaussian.sample(quality_samples, seed=0)).flatten(1), test_features)
         for label, (model, gaussian) in samplers.items()
     }
     metrics["notes"] = METRICS_NOTES
@@ -373,7 +374,7 @@ METRICS_NOTES = (
 
 
 def training_record(checkpoint, num_train_images):
-    history = checkpoint["history"]
+    history, flags = checkpoint["history"], stored_flags(checkpoint)
     train_seconds = sum(record["train_seconds"] for record in history)
     return {
         "epochs": checkpoint["epoch"],
@@ -383,8 +384,7 @@ def training_record(checkpoint, num_train_images):
         "wall_seconds": round(sum(record["epoch_seconds"] for record in history), 2),
         "trained_on": checkpoint["device"],
         "config": checkpoint["config"],
-        "flags": {key: checkpoint["args"].get(key) for key in
-                  ("batch_size", "lr", "seed", "binarize", "kl_warmup", "lr_schedule")},
+        "flags": {key: flags[key] for key in ("batch_size", "lr", "seed", "binarize", "kl_warmup", "lr_schedule")},
     }
 
 
@@ -412,7 +412,7 @@ def saved_checkpoints(run_args):
 
 def dataset_of(args, checkpoints):
     """--dataset, unless the checkpoints were trained on another: --eval and --resume follow them."""
-    stored = {checkpoint["args"].get("dataset", "mnist") for saved in checkpoints for checkpoint in saved.values()}
+    stored = {stored_flags(checkpoint)["dataset"] for saved in checkpoints for checkpoint in saved.values()}
     if len(stored) > 1:
         raise utils.ProjectError(f"the checkpoints under {args.checkpoint_dir}/ were trained on different datasets "
                                  f"({', '.join(sorted(stored))}); evaluate them one folder at a time")
@@ -469,12 +469,14 @@ def study_row(metrics):
 def print_summary(metrics, run_args):
     for kind in run_args.models:
         m = metrics[kind]
-        nll = f", IWAE NLL {m['test_nll_iwae']['nats']:.2f} (k={m['test_nll_iwae']['samples']})" if kind == "vae" else ""
+        iwae = m.get("test_nll_iwae")
+        nll = f", IWAE NLL {iwae['nats']:.2f} (k={iwae['samples']})" if iwae else ""
         print(f"{DISPLAY_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll} after {m['epochs']} epochs, "
               f"{m['seconds_per_epoch']:.2f} s/epoch ({m['images_per_second']} images/s on {m['trained_on']})")
     for label, scores in metrics["samples"].items():
         print(f"samples {label}: Frechet distance {scores['frechet_distance']:.1f}, "
-              f"{100 * scores['confident_share']:.1f}% confident, class entropy {scores['class_entropy_bits']:.2f} bits")
+              f"{100 * scores['confident_share']:.1f}% confident, "
+              f"class entropy {scores['class_entropy_bits']:.2f} bits")
     print(f"figures and metrics.json written to {run_args.figure_dir}/")
 
 

@@ -200,8 +200,9 @@ def save_checkpoint(path, checkpoint):
     write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
-def load_checkpoint(path):
-    """Load a checkpoint dict; weights_only=True so a file from elsewhere cannot run code."""
+def load_checkpoint(path, *, fix="retrain or restore it"):
+    """Load a checkpoint dict; weights_only=True so a file from elsewhere cannot run code. `fix` ends the error
+    message of a file that is there but unreadable."""
     path = Path(path)
     if not path.is_file():
         raise ProjectError(f"no checkpoint at {path}; train first with `python main.py` (or fix --checkpoint-dir)")
@@ -209,9 +210,9 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ProjectError(f"{path} is not a readable checkpoint ({reason}); retrain or restore it") from None
+        raise ProjectError(f"{path} is not a readable checkpoint ({reason}); {fix}") from None
     if not isinstance(checkpoint, dict) or not {"config", "model", "history"} <= checkpoint.keys():
-        raise ProjectError(f"{path} is not a checkpoint of this project; retrain or restore it")
+        raise ProjectError(f"{path} is not a checkpoint of this project; {fix}")
     return checkpoint
 
 
@@ -265,18 +266,19 @@ def decode_images(model, z):
 @torch.inference_mode()
 def reconstruction_errors(model, images, targets, batch_size=2000):
     """Decode each code (VAE: posterior mean) and compare: BCE against the model's targets (nats per image),
-    MSE per pixel and PSNR (dB, peak 1) against the grey `images`, each averaged over images."""
+    MSE per pixel, PSNR (dB, peak 1) and SSIM against the grey `images`, each averaged over images."""
     model.eval()
     scores = {"bce": [], "mse": [], "psnr": [], "ssim": []}
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         logits = model.decode(model.encode(batch))  # (B, 784)
         target = targets[start:start + batch_size]
+        reconstruction = torch.sigmoid(logits)  # Bernoulli means, in [0, 1]
         scores["bce"].append((softplus(logits) - target * logits).sum(dim=1))
-        squared_error = (torch.sigmoid(logits) - batch).pow(2).mean(dim=1)  # (B,)
+        squared_error = (reconstruction - batch).pow(2).mean(dim=1)  # (B,)
         scores["mse"].append(squared_error)
         scores["psnr"].append(-10 * torch.log10(squared_error.clamp(min=1e-10)))
-        scores["ssim"].append(ssim(torch.sigmoid(logits), batch))
+        scores["ssim"].append(ssim(reconstruction, batch))
     return {name: torch.cat(values).mean().item() for name, values in scores.items()}
 
 
@@ -450,10 +452,7 @@ def load_or_train_classifier(path, train_images, train_labels, test_images, test
     """The scoring classifier cached at `path`; trained (about a minute on a CPU) and saved there the first time."""
     path = Path(path)
     if path.exists():
-        try:
-            checkpoint = load_checkpoint(path)
-        except ProjectError as error:
-            raise ProjectError(f"{str(error).split('; ')[0]}; delete it and it is retrained") from None
+        checkpoint = load_checkpoint(path, fix="delete it and it is retrained")
         classifier = DigitClassifier()
         try:
             classifier.load_state_dict(checkpoint["model"])

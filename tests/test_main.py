@@ -7,15 +7,12 @@ import torch
 
 import main
 import utils
-from conftest import REAL_MNIST, make_synthetic_mnist, run_expecting_error
+from conftest import FAST_SCORES, REAL_MNIST, make_synthetic_mnist, run_expecting_error
 from models import ModelConfig, build_model
 
 FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconstruction.png", "loss_curves.png",
            "manifold.png", "latent_evolution.gif"]
 COMMITTED_CLASSIFIER = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier-mnist.pt"
-
-
-FAST_SCORES = ["--quality-samples", "500", "--nll-samples", "10"]  # the defaults take seconds a call on a CPU
 
 
 def flags(data_dir, out, *extra):

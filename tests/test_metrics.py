@@ -85,7 +85,8 @@ def test_gaussian_kl_to_standard_normal():
     codes = torch.randn(5000, 3, generator=generator) @ torch.tensor([[2.0, 0, 0], [0.5, 1, 0], [0, 0, 0.3]]) + 1.5
     mean, covariance = codes.double().mean(0), torch.cov(codes.double().T)
     fitted = torch.distributions.MultivariateNormal(mean, covariance)
-    standard = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.double), torch.eye(3, dtype=torch.double))
+    zero, identity = torch.zeros(3, dtype=torch.double), torch.eye(3, dtype=torch.double)
+    standard = torch.distributions.MultivariateNormal(zero, identity)
     expected = torch.distributions.kl_divergence(fitted, standard).item()
     assert utils.gaussian_kl_to_standard(codes) == pytest.approx(expected, rel=1e-9)
 

@@ -16,15 +16,15 @@ from hypothesis import strategies as st
 
 import models
 import utils
-from conftest import make_synthetic_mnist, run_expecting_error, write_idx
-from test_main import FAST_SCORES
+from conftest import FAST_SCORES, make_synthetic_mnist, run_expecting_error, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def flags(data_dir, out, epochs, *extra):
     return ["--data-dir", str(data_dir), "--checkpoint-dir", str(out / "checkpoints"),
-            "--figure-dir", str(out / "figures"), "--epochs", str(epochs), "--hidden-dim", "16", *FAST_SCORES, *extra]
+            "--figure-dir", str(out / "figures"), "--epochs", str(epochs), "--hidden-dim", "16", *FAST_SCORES,
+            *extra]
 
 
 def weights(out, kind):
@@ -64,7 +64,8 @@ def test_a_signal_keeps_the_last_epoch_and_the_run_resumes(tmp_path, signal_numb
     assert "--resume" in last_line and "Traceback" not in stderr
     saved_epochs = utils.load_checkpoint(checkpoint)["epoch"]
     assert saved_epochs >= 1
-    resume = [sys.executable, str(ROOT / "main.py"), *flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume")]
+    resume = [sys.executable, str(ROOT / "main.py"),
+              *flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume")]
     resumed = subprocess.run(resume,
                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "TQDM_DISABLE": "1"})
