@@ -327,10 +327,11 @@ def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_d
         test_codes = utils.encode_all(model, test_images)  # (N, D); VAE: posterior means
         aggregate_codes = test_codes
         if kind == "vae":
+            aggregate_codes = utils.sample_posterior(model, test_images)  # z ~ q(z|x): the aggregate posterior
+            metrics[kind]["posterior"] = utils.posterior_statistics(model, test_images)
+            # last, so that the number of samples it draws changes no other number
             metrics[kind]["test_nll_iwae"] = {"nats": utils.iwae_nll(model, test_targets, nll_samples),
                                               "samples": nll_samples}
-            metrics[kind]["posterior"] = utils.posterior_statistics(model, test_images)
-            aggregate_codes = utils.sample_posterior(model, test_images)  # z ~ q(z|x): the aggregate posterior
         metrics[kind]["latent"] = {"knn5_accuracy": utils.knn_accuracy(test_codes, test_labels),
                                    "aggregate_codes": utils.code_statistics(aggregate_codes)}
         samplers[f"{name}, z ~ N(0, I)"] = (model, utils.Gaussian.standard(model.latent_dim, device))

@@ -165,3 +165,11 @@ def test_latent_study_keeps_each_run_apart_and_compares_them(synthetic_mnist, tm
     (tmp_path / "figures" / "latent_study.json").unlink()
     evaluated = main.main([*study_flags, "--eval"])
     assert evaluated == trained == json.loads((tmp_path / "figures" / "latent_study.json").read_text())
+
+
+def test_the_iwae_sample_count_changes_no_other_metric(synthetic_mnist, tmp_path):
+    main.main(flags(synthetic_mnist, tmp_path, "--hidden-dim", "16"))
+    few = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "3"))
+    many = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "30"))
+    assert few["vae"].pop("test_nll_iwae") != many["vae"].pop("test_nll_iwae")
+    assert few == many
