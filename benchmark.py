@@ -5,13 +5,17 @@
       and loss, same layer sizes, batch and Adam (for the AE, the same without sampling and KL),
   (c) the compute floor: the same layers' forward and backward matmuls on preallocated tensors only,
 
-and prints the ratios (b)/(a) and (a)/(c). The three are interleaved and each reported as the median
-of --repeats runs, since shared machines drift.
+and prints the ratios (b)/(a) and (a)/(c). Peak memory: on CUDA, allocated tensors; on the CPU, the process's
+resident set (Python, torch and the data included), and in "epoch adds" what the epoch took beyond what was
+resident when it began. On the CPU it also times (a) for both models side by side, as
+`python main.py` trains them (main.side_by_side), against the sums of their (b) and (c). All methods are
+interleaved and each reported as the median of --repeats epochs, since shared machines drift.
 
     python benchmark.py --data-dir ../shared/data/mnist
 """
 import argparse
 import gzip
+import re
 import resource
 import statistics
 import tempfile
@@ -35,19 +39,43 @@ def timed(run, device):
     return time.perf_counter() - start
 
 
-def peak_memory_mb(device):
-    """Peak device memory since the last reset on CUDA; on the CPU the process's peak resident set."""
+def memory_mb(device, field):
+    """CUDA: memory allocated now ("VmRSS") or at its peak ("VmHWM") since the last reset. CPU (Linux): the
+    process's resident set, the interpreter, torch and the data included; elsewhere the peak so far for both."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+        return (torch.cuda.memory_allocated if field == "VmRSS" else torch.cuda.max_memory_allocated)(device) / 2**20
+    try:
+        return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**10
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux and BSD report KiB
 
 
-def project_epoch(kind, train_images, batch_size, device):
+def reset_peak_memory(device):
+    """Start a new peak; return the memory in use now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the process's peak resident set size (VmHWM) to the current one
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+    return memory_mb(device, "VmRSS")
+
+
+def project_epoch(kind, train_images, batch_size, device, bar_position=None):
     model = build_model(ModelConfig(kind=kind)).to(device)
     optimizer = main.make_optimizer(model, 1e-3, device)
     shuffle = torch.Generator(device=device).manual_seed(0)
+    noise = torch.Generator(device=device).manual_seed(0)
     return lambda: main.train_epoch(model, optimizer, train_images, batch_size=batch_size, shuffle=shuffle,
-                                    description=f"(a) {kind}")
+                                    description=f"(a) {kind}", noise=noise, bar_position=bar_position)
+
+
+def side_by_side_epoch(kinds, train_images, batch_size, device):
+    """(a) for all `kinds` at once, each model in its own thread, as main.train_models trains them on the CPU."""
+    epochs = {kind: project_epoch(kind, train_images, batch_size, device, position)
+              for position, kind in enumerate(kinds)}
+    return lambda: main.side_by_side(epochs)
 
 
 def stage_for_torchvision(data_dir, folder):
@@ -153,31 +181,44 @@ def main_benchmark(argv=None):
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, batch {args.batch_size}, {steps} steps per "
           f"epoch, median of {args.repeats} epochs each")
-    print(f"{'model':5} {'method':34} {'s/epoch':>8} {'images/s':>9} {'ms/step':>8} {'peak MiB':>9}")
     with tempfile.TemporaryDirectory() as folder:
         root = stage_for_torchvision(args.data_dir, folder)
+        methods = {}  # (models, method) -> one epoch
         for kind in args.models:
-            methods = {
-                "(c) compute floor (matmuls only)": floor_epoch(kind, steps, args.batch_size, device),
-                "(a) this project": project_epoch(kind, train_images, args.batch_size, device),
-                "(b) tutorial DataLoader + ToTensor": tutorial_epoch(kind, root, args.batch_size, device),
-            }
-            seconds = {name: [] for name in methods}
-            memory = {}
-            for name, epoch in methods.items():  # one untimed warm-up epoch each
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                epoch()
-                memory[name] = peak_memory_mb(device)
-            for _ in range(args.repeats):
-                for name, epoch in methods.items():
-                    seconds[name].append(timed(epoch, device))
-            median = {name: statistics.median(values) for name, values in seconds.items()}
-            for name in sorted(methods):
-                print(f"{kind.upper():5} {name:34} {median[name]:8.2f} {len(train_images) / median[name]:9.0f} "
-                      f"{1e3 * median[name] / steps:8.2f} {memory[name]:9.0f}")
-            a, b, c = (median[name] for name in sorted(methods))
-            print(f"{kind.upper():5} (b)/(a) = {b / a:.2f}x faster than the tutorial; (a)/(c) = {a / c:.2f}x the floor")
+            methods[kind, "(a) this project"] = project_epoch(kind, train_images, args.batch_size, device)
+            methods[kind, "(b) tutorial DataLoader + ToTensor"] = tutorial_epoch(kind, root, args.batch_size, device)
+            methods[kind, "(c) compute floor (matmuls only)"] = floor_epoch(kind, steps, args.batch_size, device)
+        both = "+".join(args.models)
+        if device.type == "cpu" and len(args.models) > 1:
+            methods[both, "(a) side by side, as main.py trains"] = side_by_side_epoch(
+                args.models, train_images, args.batch_size, device)
+        seconds = {key: [] for key in methods}
+        memory = {}  # (peak, peak - in use before the epoch)
+        for key, epoch in methods.items():  # one untimed warm-up epoch each
+            in_use = reset_peak_memory(device)
+            epoch()
+            peak = memory_mb(device, "VmHWM")
+            memory[key] = peak, peak - in_use
+        for _ in range(args.repeats):
+            for key, epoch in methods.items():
+                seconds[key].append(timed(epoch, device))
+        median = {key: statistics.median(values) for key, values in seconds.items()}
+    print(f"{'models':7} {'method':38} {'s/epoch':>8} {'images/s':>9} {'ms/step':>8} {'peak MiB':>9} "
+          f"{'epoch adds':>10}")
+    for (models, name), value in median.items():
+        images = len(train_images) * len(models.split("+"))
+        print(f"{models.upper():7} {name:38} {value:8.2f} {images / value:9.0f} {1e3 * value / steps:8.2f} "
+              f"{memory[models, name][0]:9.0f} {memory[models, name][1]:10.0f}")
+    for kind in args.models:
+        a, b, c = (median[kind, name] for name in sorted(name for models, name in methods if models == kind))
+        print(f"{kind.upper():7} (b)/(a) = {b / a:.2f}x faster than the tutorial; (a)/(c) = {a / c:.2f}x the floor")
+    if (both, "(a) side by side, as main.py trains") in median:
+        a = median[both, "(a) side by side, as main.py trains"]
+        b, c = (sum(median[kind, name] for kind in args.models) for name in
+                ("(b) tutorial DataLoader + ToTensor", "(c) compute floor (matmuls only)"))
+        alone = sum(median[kind, "(a) this project"] for kind in args.models)
+        print(f"{both.upper():7} side by side: {alone / a:.2f}x faster than one after the other; against the sums "
+              f"of (b) and (c): (b)/(a) = {b / a:.2f}x, (a)/(c) = {a / c:.2f}x")
 
 
 if __name__ == "__main__":

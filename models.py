@@ -66,7 +66,9 @@ class _SummedBCEWithLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, x):
         ctx.save_for_backward(logits, x)
-        return (softplus(logits) - x * logits).sum()
+        # per image first: a (B, 784) sum splits across threads by their number, so the loss's last bits would
+        # depend on it; each row's sum does not
+        return (softplus(logits) - x * logits).sum(dim=1).sum()
 
     @staticmethod
     def backward(ctx, grad):
@@ -95,9 +97,12 @@ def kl_per_dimension(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
-def reparameterize(mu, logvar):
-    """z = mu + sigma * eps with eps ~ N(0, I): the noise is an input, so gradients flow to mu and sigma."""
-    eps = torch.randn_like(mu)
+def reparameterize(mu, logvar, noise=None):
+    """z = mu + sigma * eps with eps ~ N(0, I): the noise is an input, so gradients flow to mu and sigma.
+
+    noise: the torch.Generator that draws eps (None: torch's global one).
+    """
+    eps = torch.randn(mu.shape, generator=noise, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -128,10 +133,11 @@ class Autoencoder(nn.Module):
         """(B, latent_dim) -> (B, 784) pixel logits; sigmoid gives the image."""
         return self.decoder(z)
 
-    def forward(self, x, kl_warmup=1.0):
+    def forward(self, x, kl_warmup=1.0, noise=None):
         """x: (B, 784) -> (loss, parts); loss is per image in nats, averaged over the batch.
 
-        kl_warmup is accepted so that the training loop can treat both models alike; the AE has no KL term.
+        kl_warmup and noise (the VAE's generator for z) are accepted so that the training loop can treat both
+        models alike; the AE has no KL term and draws nothing.
         """
         reconstruction = bernoulli_nll(self.decode(self.encode(x)), x)
         return reconstruction, {"bce": reconstruction.detach()}
@@ -153,11 +159,11 @@ class VAE(Autoencoder):
     def encode(self, x):
         return self.posterior(x)[0]
 
-    def forward(self, x, kl_warmup=1.0):
+    def forward(self, x, kl_warmup=1.0, noise=None):
         """kl_warmup in [0, 1] scales the KL weight beta during a warm-up; the parts are always unweighted,
-        so bce + kl is the negative ELBO whatever the weight."""
+        so bce + kl is the negative ELBO whatever the weight. noise: the torch.Generator that draws z."""
         mu, logvar = self.posterior(x)
-        z = reparameterize(mu, logvar)  # sampled in eval mode too: the test loss is the sampled ELBO
+        z = reparameterize(mu, logvar, noise)  # sampled in eval mode too: the test loss is the sampled ELBO
         reconstruction = bernoulli_nll(self.decode(z), x)
         kl = kl_to_standard_normal(mu, logvar)
         loss = reconstruction + (kl_warmup * self.beta) * kl

@@ -227,14 +227,14 @@ def save_figure(figure, path):
 # ----------------------------------------------------------------------------- metrics
 
 @torch.inference_mode()
-def evaluate_loss(model, images, batch_size=2000):
+def evaluate_loss(model, images, batch_size=2000, noise=None):
     """Mean per-image loss parts (nats) over `images` (N, 784), in large batches, and their sum as "loss"
-    (the VAE's negative ELBO, the AE's BCE)."""
+    (the VAE's negative ELBO, the AE's BCE). noise: the generator the VAE samples z with (None: the global one)."""
     model.eval()
     totals = {}
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        _, parts = model(batch)
+        _, parts = model(batch, noise=noise)
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value * len(batch)
     means = {name: (total / len(images)).item() for name, total in totals.items()}

@@ -48,7 +48,8 @@ def run_expecting_error(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         main.main([str(word) for word in argv])
     stderr = capsys.readouterr().err
-    lines = [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip()]  # progress bars use \r
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)  # what a terminal shows: bars move the cursor
+    lines = [line.strip() for line in re.split(r"[\r\n]+", shown) if line.strip()]  # and overwrite lines with \r
     printed = lines[-1]
     assert printed.startswith("error: ") and "Traceback" not in stderr, stderr
     assert sum(line.startswith("error") for line in lines) == 1, stderr

@@ -66,12 +66,16 @@ def test_same_seed_gives_identical_weights(synthetic_mnist, tmp_path):
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
-def test_one_model_alone_trains_exactly_as_beside_the_other(synthetic_mnist, tmp_path):
-    main.main(flags(synthetic_mnist, tmp_path / "both", "--hidden-dim", "16"))
-    main.main(flags(synthetic_mnist, tmp_path / "ae", "--hidden-dim", "16", "--models", "ae"))
-    both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / "ae.pt")["model"]
-    alone = utils.load_checkpoint(tmp_path / "ae" / "checkpoints" / "ae.pt")["model"]
-    assert all(torch.equal(both[name], alone[name]) for name in both)
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_one_model_alone_trains_exactly_as_beside_the_other(synthetic_mnist, tmp_path, kind):
+    # on the CPU the two train at the same time: each must draw its z and binarized pixels from its own generator
+    options = ["--hidden-dim", "16", "--binarize", "dynamic", "--epochs", "2"]
+    main.main(flags(synthetic_mnist, tmp_path / "both", *options))
+    main.main(flags(synthetic_mnist, tmp_path / kind, *options, "--models", kind))
+    both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / f"{kind}.pt")
+    alone = utils.load_checkpoint(tmp_path / kind / "checkpoints" / f"{kind}.pt")
+    assert all(torch.equal(both["model"][name], alone["model"][name]) for name in both["model"])
+    assert [record["test"] for record in both["history"]] == [record["test"] for record in alone["history"]]
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
@@ -173,3 +177,15 @@ def test_the_iwae_sample_count_changes_no_other_metric(synthetic_mnist, tmp_path
     many = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "30"))
     assert few["vae"].pop("test_nll_iwae") != many["vae"].pop("test_nll_iwae")
     assert few == many
+
+
+def test_benchmark_times_every_method_and_prints_the_ratios(synthetic_mnist, capsys):
+    import benchmark
+    benchmark.main_benchmark(["--data-dir", str(synthetic_mnist), "--device", "cpu", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith(("VAE ", "AE ", "VAE+AE "))]
+    for method in ["(a) this project", "(b) tutorial", "(c) compute floor"]:
+        assert sum(method in row for row in rows) == 2, printed
+    assert sum("(a) side by side" in row for row in rows) == 1
+    ratios = [line for line in rows if "(b)/(a) = " in line and "(a)/(c) = " in line]
+    assert len(ratios) == 3, printed

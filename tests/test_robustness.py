@@ -48,7 +48,7 @@ def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, op
 def test_a_signal_keeps_the_last_epoch_and_the_run_resumes(tmp_path, signal_number):
     data_dir = make_synthetic_mnist(tmp_path / "mnist", n_train=4096, n_test=64)
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "main.py"), *flags(data_dir, out, 1000, "--models", "vae")]
+    command = [sys.executable, str(ROOT / "main.py"), *flags(data_dir, out, 1000)]  # both models, side by side
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "TQDM_DISABLE": "1"})
     checkpoint = out / "checkpoints" / "vae.pt"
@@ -82,6 +82,19 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_m
     code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 3, "--models", "ae", "--resume"), capsys)
     assert code == 1 and "epoch 2 by step 2" in printed and "lower --lr" in printed
     assert (tmp_path / "checkpoints" / "ae.pt").read_bytes() == before
+
+
+def test_a_model_failing_beside_the_other_stops_both_and_names_itself(synthetic_mnist, tmp_path, capsys,
+                                                                      monkeypatch):
+    def diverging_forward(self, x, kl_warmup=1.0, noise=None):
+        loss = (self.decode(self.encode(x)) * float("nan")).sum()
+        return loss, {"bce": loss.detach()}
+    monkeypatch.setattr(models.VAE, "forward", diverging_forward)
+    code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 500), capsys)
+    assert code == 1 and printed.startswith("error: VAE loss became NaN")
+    assert not (tmp_path / "checkpoints" / "vae.pt").exists()
+    ae_checkpoint = tmp_path / "checkpoints" / "ae.pt"
+    assert not ae_checkpoint.exists() or utils.load_checkpoint(ae_checkpoint)["epoch"] < 500  # stopped, not finished
 
 
 def test_unwritable_output_folder_fails_before_training(synthetic_mnist, tmp_path, capsys):
