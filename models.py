@@ -56,6 +56,11 @@ def softplus(logits):
     return logits.clamp(min=0) + torch.log(1 + torch.exp(-logits.abs()))
 
 
+def bernoulli_nll_per_image(logits, x):
+    """(..., 784) -> (...): -log p(x | z) of each image under independent Bernoulli pixels (BCE summed over pixels)."""
+    return (softplus(logits) - x * logits).sum(dim=-1)
+
+
 class _SummedBCEWithLogits(torch.autograd.Function):
     """sum(softplus(l) - x * l) over all elements, with its exact gradient sigmoid(l) - x.
 
@@ -68,7 +73,7 @@ class _SummedBCEWithLogits(torch.autograd.Function):
         ctx.save_for_backward(logits, x)
         # per image first: a (B, 784) sum splits across threads by their number, so the loss's last bits would
         # depend on it; each row's sum does not
-        return (softplus(logits) - x * logits).sum(dim=1).sum()
+        return bernoulli_nll_per_image(logits, x).sum()
 
     @staticmethod
     def backward(ctx, grad):
@@ -179,7 +184,7 @@ class VAE(Autoencoder):
         eps = torch.randn(num_samples, *mu.shape, device=x.device)  # (K, B, D)
         z = mu + torch.exp(0.5 * logvar) * eps
         logits = self.decode(z.reshape(-1, self.latent_dim)).reshape(num_samples, len(x), -1)  # (K, B, 784)
-        log_likelihood = (x * logits - softplus(logits)).sum(dim=2)  # log p(x | z): (K, B)
+        log_likelihood = -bernoulli_nll_per_image(logits, x)  # log p(x | z): (K, B)
         log_prior = -0.5 * z.pow(2).sum(dim=2)  # log p(z) + const
         log_posterior = -0.5 * (eps.pow(2) + logvar).sum(dim=2)  # log q(z | x) + the same const
         return log_likelihood + log_prior - log_posterior

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
-from models import DigitClassifier, kl_per_dimension, reparameterize, softplus
+from models import DigitClassifier, bernoulli_nll_per_image, kl_per_dimension, reparameterize
 
 IMAGE_SIDE = 28
 MNIST_FILES = {  # split -> (images file, labels file), as the official site names them
@@ -274,7 +274,7 @@ def reconstruction_errors(model, images, targets, batch_size=2000):
         logits = model.decode(model.encode(batch))  # (B, 784)
         target = targets[start:start + batch_size]
         reconstruction = torch.sigmoid(logits)  # Bernoulli means, in [0, 1]
-        scores["bce"].append((softplus(logits) - target * logits).sum(dim=1))
+        scores["bce"].append(bernoulli_nll_per_image(logits, target))
         squared_error = (reconstruction - batch).pow(2).mean(dim=1)  # (B,)
         scores["mse"].append(squared_error)
         scores["psnr"].append(-10 * torch.log10(squared_error.clamp(min=1e-10)))

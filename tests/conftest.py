@@ -9,6 +9,7 @@ import main
 import utils
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+COMMITTED_CLASSIFIER = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier-mnist.pt"
 FAST_SCORES = ["--quality-samples", "500", "--nll-samples", "10"]  # the defaults take seconds a call on a CPU
 
 

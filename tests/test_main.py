@@ -1,18 +1,16 @@
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 import main
 import utils
-from conftest import FAST_SCORES, REAL_MNIST, make_synthetic_mnist, run_expecting_error
+from conftest import COMMITTED_CLASSIFIER, FAST_SCORES, REAL_MNIST, make_synthetic_mnist, run_expecting_error
 from models import ModelConfig, build_model
 
 FIGURES = ["generation.png", "interpolation.png", "latent_scatter.png", "reconstruction.png", "loss_curves.png",
            "manifold.png", "latent_evolution.gif"]
-COMMITTED_CLASSIFIER = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier-mnist.pt"
 
 
 def flags(data_dir, out, *extra):

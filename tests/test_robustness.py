@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import models
 import utils
-from conftest import FAST_SCORES, make_synthetic_mnist, run_expecting_error, write_idx
+from conftest import COMMITTED_CLASSIFIER, FAST_SCORES, make_synthetic_mnist, run_expecting_error, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_a_signal_keeps_the_last_epoch_and_the_run_resumes(tmp_path, signal_numb
     assert "--resume" in last_line and "Traceback" not in stderr
     saved_epochs = utils.load_checkpoint(checkpoint)["epoch"]
     assert saved_epochs >= 1
-    shutil.copy(ROOT / "checkpoints" / "classifier-mnist.pt", out / "checkpoints")  # its cache: not the subject here
+    shutil.copy(COMMITTED_CLASSIFIER, out / "checkpoints")  # its cache: not the subject here
     resume = [sys.executable, str(ROOT / "main.py"),
               *flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume")]
     resumed = subprocess.run(resume,
