@@ -107,11 +107,20 @@ def test_unwritable_output_folder_fails_before_training(synthetic_mnist, tmp_pat
     assert code == 1 and "cannot write to" in printed and "checkpoints" in printed
 
 
-@pytest.fixture
-def trained(synthetic_mnist, tmp_path):
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
     import main
-    main.main(flags(synthetic_mnist, tmp_path, 1))
-    return synthetic_mnist, tmp_path
+    folder = tmp_path_factory.mktemp("trained")
+    data_dir = make_synthetic_mnist(folder / "mnist")
+    main.main(flags(data_dir, folder, 1))
+    return data_dir, folder
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A fresh copy of one short run's data, checkpoints and figures: each test damages its own."""
+    shutil.copytree(trained_once[1], tmp_path, dirs_exist_ok=True)
+    return tmp_path / "mnist", tmp_path
 
 
 def damage(path, how):
