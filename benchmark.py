@@ -5,13 +5,15 @@
       and loss, same layer sizes, batch and Adam (for the AE, the same without sampling and KL),
   (c) the compute floor: the same layers' forward and backward matmuls on preallocated tensors only,
 
-and prints the ratios (b)/(a) and (a)/(c). Peak memory: on CUDA, allocated tensors; on the CPU, the process's
-resident set (Python, torch and the data included), and in "epoch adds" what the epoch took beyond what was
-resident when it began. On the CPU it also times (a) for both models side by side, as
+and prints the ratios (b)/(a) and (a)/(c). With --precision bf16, (a) trains as `main.py --precision bf16`
+does (bfloat16 autocast) and (c) times bfloat16 matmuls; (b) stays the tutorial as published, in fp32.
+Peak memory: on CUDA, allocated tensors; on the CPU, the process's resident set (Python, torch and the data
+included), and in "epoch adds" what the epoch took beyond what was resident when it began. On the CPU it also times (a) for both models side by side, as
 `python main.py` trains them (main.side_by_side), against the sums of their (b) and (c). All methods are
 interleaved and each reported as the median of --repeats epochs, since shared machines drift.
 
     python benchmark.py --data-dir ../shared/data/mnist
+    python benchmark.py --data-dir ../shared/data/mnist --precision bf16
 """
 import argparse
 import gzip
@@ -62,18 +64,19 @@ def reset_peak_memory(device):
     return memory_mb(device, "VmRSS")
 
 
-def project_epoch(kind, train_images, batch_size, device, bar_position=None):
+def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None):
     model = build_model(ModelConfig(kind=kind)).to(device)
     optimizer = main.make_optimizer(model, 1e-3, device)
     shuffle = torch.Generator(device=device).manual_seed(0)
     noise = torch.Generator(device=device).manual_seed(0)
     return lambda: main.train_epoch(model, optimizer, train_images, batch_size=batch_size, shuffle=shuffle,
-                                    description=f"(a) {kind}", noise=noise, bar_position=bar_position)
+                                    description=f"(a) {kind}", noise=noise, bar_position=bar_position,
+                                    precision=precision)
 
 
-def side_by_side_epoch(kinds, train_images, batch_size, device):
+def side_by_side_epoch(kinds, train_images, batch_size, device, precision):
     """(a) for all `kinds` at once, each model in its own thread, as main.train_models trains them on the CPU."""
-    epochs = {kind: project_epoch(kind, train_images, batch_size, device, position)
+    epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position)
               for position, kind in enumerate(kinds)}
     return lambda: main.side_by_side(epochs)
 
@@ -139,12 +142,13 @@ def tutorial_epoch(kind, root, batch_size, device):
     return epoch
 
 
-def floor_epoch(kind, steps, batch_size, device):
+def floor_epoch(kind, steps, batch_size, device, precision):
     """Only the matmuls of one training step, repeated `steps` times: x W^T forward; dW and dx backward."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     layers = [m for m in build_model(ModelConfig(kind=kind)).modules() if isinstance(m, nn.Linear)]
 
     def tensor(*shape):
-        return torch.randn(*shape, device=device)
+        return torch.randn(*shape, device=device, dtype=dtype)
     weights = [tensor(layer.out_features, layer.in_features) for layer in layers]
     inputs = [tensor(batch_size, layer.in_features) for layer in layers]
     outputs = [tensor(batch_size, layer.out_features) for layer in layers]
@@ -170,28 +174,34 @@ def main_benchmark(argv=None):
     parser.add_argument("--batch-size", type=main.positive(int), default=128)
     parser.add_argument("--repeats", type=main.positive(int), default=5, help="epochs timed per method")
     parser.add_argument("--models", nargs="+", choices=["vae", "ae"], default=["vae", "ae"])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="of (a) and (c), as main.py --precision")
     args = parser.parse_args(argv)
     device = utils.pick_device(args.device)
     try:
+        if args.precision == "bf16":
+            utils.check_bf16(device)
         train_uint8 = utils.load_dataset(args.data_dir)["train"][0]
     except utils.ProjectError as error:
         raise SystemExit(f"error: {error}")
     train_images = utils.to_model_input(train_uint8, device)
     steps = -(-len(train_images) // args.batch_size)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"device {device}{threads}, torch {torch.__version__}, batch {args.batch_size}, {steps} steps per "
-          f"epoch, median of {args.repeats} epochs each")
+    print(f"device {device}{threads}, torch {torch.__version__}, {args.precision} (a) and (c), batch "
+          f"{args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
     with tempfile.TemporaryDirectory() as folder:
         root = stage_for_torchvision(args.data_dir, folder)
         methods = {}  # (models, method) -> one epoch
         for kind in args.models:
-            methods[kind, "(a) this project"] = project_epoch(kind, train_images, args.batch_size, device)
+            methods[kind, "(a) this project"] = project_epoch(
+                kind, train_images, args.batch_size, device, args.precision)
             methods[kind, "(b) tutorial DataLoader + ToTensor"] = tutorial_epoch(kind, root, args.batch_size, device)
-            methods[kind, "(c) compute floor (matmuls only)"] = floor_epoch(kind, steps, args.batch_size, device)
+            methods[kind, "(c) compute floor (matmuls only)"] = floor_epoch(
+                kind, steps, args.batch_size, device, args.precision)
         both = "+".join(args.models)
         if device.type == "cpu" and len(args.models) > 1:
             methods[both, "(a) side by side, as main.py trains"] = side_by_side_epoch(
-                args.models, train_images, args.batch_size, device)
+                args.models, train_images, args.batch_size, device, args.precision)
         seconds = {key: [] for key in methods}
         memory = {}  # (peak, peak - in use before the epoch)
         for key, epoch in methods.items():  # one untimed warm-up epoch each

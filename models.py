@@ -86,7 +86,8 @@ def bernoulli_nll(logits, x):
 
     logits, x: (B, 784). Grey pixels in [0, 1] are used as soft targets, as in the classic tutorials.
     """
-    return _SummedBCEWithLogits.apply(logits, x) / x.shape[0]
+    # float(): under --precision bf16 the logits arrive in bfloat16; the loss is always summed in fp32
+    return _SummedBCEWithLogits.apply(logits.float(), x) / x.shape[0]
 
 
 def kl_to_standard_normal(mu, logvar):
@@ -157,8 +158,8 @@ class VAE(Autoencoder):
         return 2 * latent_dim  # mu and log sigma^2
 
     def posterior(self, x):
-        """(B, 784) -> mu, logvar, each (B, latent_dim)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        """(B, 784) -> mu, logvar, each (B, latent_dim), in fp32 (also when the encoder ran in bfloat16)."""
+        mu, logvar = self.encoder(x).float().chunk(2, dim=1)
         return mu, logvar
 
     def encode(self, x):

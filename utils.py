@@ -168,6 +168,19 @@ def pick_device(name):
     return device
 
 
+def check_bf16(device):
+    """Fail with a one-line error if bfloat16 autocast cannot train on `device`; say so where it would be slow."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ProjectError(f"{device} has no bfloat16 support; train with --precision fp32")
+    if device.type not in ("cpu", "cuda"):
+        raise ProjectError(f"--precision bf16 is for CPUs and CUDA GPUs, not {device.type}; use --precision fp32")
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if (device.type == "cpu" and capabilities.get("architecture") == "x86_64"
+            and not (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))):
+        print("note: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so --precision bf16 emulates them "
+              "and will likely train slower than fp32")
+
+
 # ----------------------------------------------------------------------------- files
 
 def write_atomically(path, write):

@@ -64,16 +64,33 @@ def test_same_seed_gives_identical_weights(synthetic_mnist, tmp_path):
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
-@pytest.mark.parametrize("kind", ["vae", "ae"])
-def test_one_model_alone_trains_exactly_as_beside_the_other(synthetic_mnist, tmp_path, kind):
+@pytest.mark.parametrize("kind, precision", [("vae", "fp32"), ("ae", "fp32"), ("vae", "bf16")])
+def test_one_model_alone_trains_exactly_as_beside_the_other(synthetic_mnist, tmp_path, kind, precision):
     # on the CPU the two train at the same time: each must draw its z and binarized pixels from its own generator
-    options = ["--hidden-dim", "16", "--binarize", "dynamic", "--epochs", "2"]
+    options = ["--hidden-dim", "16", "--binarize", "dynamic", "--epochs", "2", "--precision", precision]
     main.main(flags(synthetic_mnist, tmp_path / "both", *options))
     main.main(flags(synthetic_mnist, tmp_path / kind, *options, "--models", kind))
     both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / f"{kind}.pt")
     alone = utils.load_checkpoint(tmp_path / kind / "checkpoints" / f"{kind}.pt")
     assert all(torch.equal(both["model"][name], alone["model"][name]) for name in both["model"])
     assert [record["test"] for record in both["history"]] == [record["test"] for record in alone["history"]]
+
+
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_bf16_training_follows_fp32_closely_but_not_bit_for_bit(kind):
+    # 40 steps: an autocast around the whole epoch would keep the first step's bfloat16 weights throughout
+    images = torch.rand(640, 784, generator=torch.Generator().manual_seed(0))
+
+    def train(precision):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(kind=kind, hidden_dim=64))
+        optimizer = main.make_optimizer(model, 3e-3, torch.device("cpu"))
+        parts = main.train_epoch(model, optimizer, images, batch_size=16, shuffle=torch.Generator().manual_seed(0),
+                                 description="", noise=torch.Generator().manual_seed(0), precision=precision)
+        return parts["loss"], torch.cat([p.flatten() for p in model.parameters()])
+    (loss_fp32, weights_fp32), (loss_bf16, weights_bf16) = train("fp32"), train("bf16")
+    assert weights_bf16.dtype == torch.float32 and not torch.equal(weights_bf16, weights_fp32)
+    assert abs(loss_bf16 - loss_fp32) < 0.002 * loss_fp32, (loss_bf16, loss_fp32)
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):

@@ -32,7 +32,8 @@ def weights(out, kind):
     return utils.load_checkpoint(out / "checkpoints" / f"{kind}.pt")["model"]
 
 
-@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3"]], ids=["default", "dynamic"])
+@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3"], ["--precision", "bf16"]],
+                         ids=["default", "dynamic", "bf16"])
 def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, options):
     import main
     main.main(flags(synthetic_mnist, tmp_path / "straight", 4, *options))
@@ -97,6 +98,17 @@ def test_a_model_failing_beside_the_other_stops_both_and_names_itself(synthetic_
     assert not (tmp_path / "checkpoints" / "vae.pt").exists()
     ae_checkpoint = tmp_path / "checkpoints" / "ae.pt"
     assert not ae_checkpoint.exists() or utils.load_checkpoint(ae_checkpoint)["epoch"] < 500  # stopped, not finished
+
+
+def test_bf16_where_it_cannot_run_fails_and_where_it_would_be_slow_says_so(monkeypatch, capsys):
+    with pytest.raises(utils.ProjectError, match="not mps; use --precision fp32"):
+        utils.check_bf16(torch.device("mps"))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx512_bf16": False})
+    utils.check_bf16(torch.device("cpu"))
+    assert "no bfloat16 instructions" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx512_bf16": True})
+    utils.check_bf16(torch.device("cpu"))
+    assert capsys.readouterr().out == ""
 
 
 def test_unwritable_output_folder_fails_before_training(synthetic_mnist, tmp_path, capsys):
