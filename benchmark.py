@@ -8,9 +8,10 @@
 and prints the ratios (b)/(a) and (a)/(c). With --precision bf16, (a) trains as `main.py --precision bf16`
 does (bfloat16 autocast) and (c) times bfloat16 matmuls; (b) stays the tutorial as published, in fp32.
 Peak memory: on CUDA, allocated tensors; on the CPU, the process's resident set (Python, torch and the data
-included), and in "epoch adds" what the epoch took beyond what was resident when it began. On the CPU it also times (a) for both models side by side, as
-`python main.py` trains them (main.side_by_side), against the sums of their (b) and (c). All methods are
-interleaved and each reported as the median of --repeats epochs, since shared machines drift.
+included), and in "epoch adds" what the epoch took beyond what was resident when it began. On the CPU it
+also times (a) for both models side by side, as `python main.py` trains them (main.side_by_side), against
+the sums of their (b) and (c). All methods are interleaved and each reported as the median of --repeats
+epochs, since shared machines drift.
 
     python benchmark.py --data-dir ../shared/data/mnist
     python benchmark.py --data-dir ../shared/data/mnist --precision bf16

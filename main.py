@@ -270,7 +270,8 @@ def train(kind, args, train_images, test_images, device, stop, resume_from=None,
         shuffle.manual_seed(args.seed)
         config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, arch=args.arch,
                              hidden_layers=args.hidden_layers, beta=args.beta)
-        with WEIGHT_DRAWS:  # the global generator: seeded for each model, so one model's run does not depend on another's
+        # the global generator, seeded for each model (so one model's run does not depend on another's): one at a time
+        with WEIGHT_DRAWS:
             torch.manual_seed(args.seed)
             model = build_model(config)
             noise = new_noise(device, args.seed)
@@ -449,7 +450,7 @@ def saved_checkpoints(run_args):
     for kind in kinds:
         path = utils.checkpoint_path(run_args.checkpoint_dir, kind)
         checkpoints[kind] = utils.load_checkpoint(path)
-        restore_model(checkpoints[kind], kind, path, torch.device("cpu"))  # a wrong model fails now, before any training
+        restore_model(checkpoints[kind], kind, path, torch.device("cpu"))  # a wrong model fails now, before training
     return checkpoints
 
 

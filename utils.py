@@ -170,13 +170,15 @@ def pick_device(name):
 
 def check_bf16(device):
     """Fail with a one-line error if bfloat16 autocast cannot train on `device`; say so where it would be slow."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ProjectError(f"{device} has no bfloat16 support; train with --precision fp32")
     if device.type not in ("cpu", "cuda"):
         raise ProjectError(f"--precision bf16 is for CPUs and CUDA GPUs, not {device.type}; use --precision fp32")
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ProjectError(f"{device} has no bfloat16 support; train with --precision fp32")
+        return
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    if (device.type == "cpu" and capabilities.get("architecture") == "x86_64"
-            and not (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))):
+    native = capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
+    if capabilities.get("architecture") == "x86_64" and not native:
         print("note: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so --precision bf16 emulates them "
               "and will likely train slower than fp32")
 
@@ -202,7 +204,8 @@ def check_writable(folder):
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise ProjectError(f"cannot write to {folder}/ ({error.strerror}); pick another folder or fix its permissions") from None
+        raise ProjectError(
+            f"cannot write to {folder}/ ({error.strerror}); pick another folder or fix its permissions") from None
 
 
 def checkpoint_path(checkpoint_dir, kind):
