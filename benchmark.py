@@ -1,20 +1,20 @@
 """How close is training to the hardware? Times, for the default VAE and AE, in one process:
 
-  (a) this project's training epoch: data resident on the device, shuffled by index (main.train_epoch),
-  (b) the tutorial it replaces, pytorch/examples' VAE: torchvision MNIST + DataLoader + ToTensor, its model
-      and loss, same layer sizes, batch and Adam (for the AE, the same without sampling and KL),
-  (c) the compute floor: the same layers' forward and backward matmuls on preallocated tensors only,
+  (a) this project's training epoch: the data resident on the device, shuffled by index,
+  (b) the tutorial it replaces, pytorch/examples' VAE: torchvision MNIST + DataLoader + ToTensor,
+      its model and loss, same layer sizes, batch and Adam (the AE: the same without sampling, KL),
+  (c) the compute floor: the same layers' forward and backward matmuls on preallocated tensors,
 
-and prints the ratios (b)/(a) and (a)/(c). With --precision bf16, (a) trains as `main.py --precision bf16`
-does (bfloat16 autocast) and (c) times bfloat16 matmuls; (b) stays the tutorial as published, in fp32.
-Peak memory: on CUDA, allocated tensors; on the CPU, the process's resident set (Python, torch and the data
-included), and in "epoch adds" what the epoch took beyond what was resident when it began. On the CPU it
-also times (a) for both models side by side, as `python main.py` trains them (main.side_by_side), against
-the sums of their (b) and (c). All methods are interleaved and each reported as the median of --repeats
-epochs, since shared machines drift.
+and prints the ratios (b)/(a) and (a)/(c). With --precision bf16, (a) trains as `main.py
+--precision bf16` does and (c) times bfloat16 matmuls; (b) stays the tutorial as published, fp32.
+On the CPU it also times (a) for both models side by side, as main.py trains them, against the
+sums of their (b) and (c). Peak memory: on CUDA, allocated tensors; on the CPU, the process's
+resident set (Python, torch and the data included), and in "epoch adds" what an epoch took beyond
+what was resident when it began. The methods are interleaved and each reported as the median of
+--repeats epochs, since shared machines drift.
 
-    python benchmark.py --data-dir ../shared/data/mnist
-    python benchmark.py --data-dir ../shared/data/mnist --precision bf16
+    python benchmark.py
+    python benchmark.py --precision bf16
 """
 import argparse
 import gzip
@@ -33,50 +33,22 @@ import main
 import utils
 from models import ModelConfig, build_model
 
-
-def timed(run, device):
-    main.sync(device)
-    start = time.perf_counter()
-    run()
-    main.sync(device)
-    return time.perf_counter() - start
-
-
-def memory_mb(device, field):
-    """CUDA: memory allocated now ("VmRSS") or at its peak ("VmHWM") since the last reset. CPU (Linux): the
-    process's resident set, the interpreter, torch and the data included; elsewhere the peak so far for both."""
-    if device.type == "cuda":
-        return (torch.cuda.memory_allocated if field == "VmRSS" else torch.cuda.max_memory_allocated)(device) / 2**20
-    try:
-        return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**10
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux and BSD report KiB
-
-
-def reset_peak_memory(device):
-    """Start a new peak; return the memory in use now."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: "5" resets the process's peak resident set size (VmHWM) to the current one
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-    return memory_mb(device, "VmRSS")
+PROJECT, TUTORIAL, FLOOR = ("(a) this project", "(b) tutorial DataLoader + ToTensor",
+                            "(c) compute floor (matmuls only)")
+SIDE_BY_SIDE = "(a) side by side, as main.py trains"
 
 
 def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None):
     model = build_model(ModelConfig(kind=kind)).to(device)
     optimizer = main.make_optimizer(model, 1e-3, device)
-    shuffle = torch.Generator(device=device).manual_seed(0)
-    noise = torch.Generator(device=device).manual_seed(0)
-    return lambda: main.train_epoch(model, optimizer, train_images, batch_size=batch_size, shuffle=shuffle,
-                                    description=f"(a) {kind}", noise=noise, bar_position=bar_position,
-                                    precision=precision)
+    shuffle, noise = (torch.Generator(device).manual_seed(0) for _ in range(2))
+    return lambda: main.train_epoch(model, optimizer, train_images, batch_size=batch_size,
+                                    shuffle=shuffle, noise=noise, precision=precision,
+                                    description=f"(a) {kind}", bar_position=bar_position)
 
 
 def side_by_side_epoch(kinds, train_images, batch_size, device, precision):
-    """(a) for all `kinds` at once, each model in its own thread, as main.train_models trains them on the CPU."""
+    """(a) for all `kinds` at once, each model in a thread, as main.train_models trains them."""
     epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position)
               for position, kind in enumerate(kinds)}
     return lambda: main.side_by_side(epochs)
@@ -86,16 +58,16 @@ def stage_for_torchvision(data_dir, folder):
     """torchvision's MNIST reads uncompressed files from root/MNIST/raw: write them there."""
     raw = Path(folder) / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for images_name, labels_name in utils.MNIST_FILES.values():
-        for name in (images_name, labels_name):
+    for names in utils.MNIST_FILES.values():
+        for name in names:
             data = utils.find_idx_file(data_dir, name).read_bytes()
             (raw / name).write_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
     return folder
 
 
 class TutorialModel(nn.Module):
-    """pytorch/examples vae/main.py's VAE (fc1, fc21, fc22, fc3, fc4, sigmoid output); variational=False
-    drops the sampling and the KL term, giving the AE with the same layers."""
+    """pytorch/examples vae/main.py's VAE (fc1, fc21, fc22, fc3, fc4, a sigmoid output);
+    variational=False drops the sampling and the KL term: the AE with the same layers."""
 
     def __init__(self, variational):
         super().__init__()
@@ -144,7 +116,7 @@ def tutorial_epoch(kind, root, batch_size, device):
 
 
 def floor_epoch(kind, steps, batch_size, device, precision):
-    """Only the matmuls of one training step, repeated `steps` times: x W^T forward; dW and dx backward."""
+    """Only the matmuls of a training step, `steps` times: x W^T forward; dW and dx backward."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     layers = [m for m in build_model(ModelConfig(kind=kind)).modules() if isinstance(m, nn.Linear)]
 
@@ -168,68 +140,120 @@ def floor_epoch(kind, steps, batch_size, device, precision):
     return epoch
 
 
+def memory_mb(device, field):
+    """CUDA: memory allocated now ("VmRSS") or at its peak ("VmHWM") since the last reset. The
+    CPU (Linux): the process's resident set; elsewhere the peak so far for both."""
+    if device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(device) if field == "VmRSS" else \
+            torch.cuda.max_memory_allocated(device)
+        return allocated / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(field + r":\s+(\d+) kB", status).group(1)) / 2**10
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux and BSD: KiB
+
+
+def reset_peak_memory(device):
+    """Start a new peak; return the memory in use now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+    return memory_mb(device, "VmRSS")
+
+
+def timed(run, device):
+    main.sync(device)
+    start = time.perf_counter()
+    run()
+    main.sync(device)
+    return time.perf_counter() - start
+
+
+def methods_to_time(args, train_images, root, device):
+    """{(models, method): one epoch}, for each model and, on a CPU, for both side by side."""
+    steps = -(-len(train_images) // args.batch_size)
+    methods = {}
+    for kind in args.models:
+        methods[kind, PROJECT] = project_epoch(kind, train_images, args.batch_size, device,
+                                               args.precision)
+        methods[kind, TUTORIAL] = tutorial_epoch(kind, root, args.batch_size, device)
+        methods[kind, FLOOR] = floor_epoch(kind, steps, args.batch_size, device, args.precision)
+    if device.type == "cpu" and len(args.models) > 1:
+        methods["+".join(args.models), SIDE_BY_SIDE] = side_by_side_epoch(
+            args.models, train_images, args.batch_size, device, args.precision)
+    return methods
+
+
+def time_methods(methods, repeats, device):
+    """Median seconds of each method over `repeats` interleaved epochs, after one untimed epoch
+    each that measures its memory: ({key: seconds}, {key: (peak MiB, MiB the epoch added)})."""
+    memory = {}
+    for key, epoch in methods.items():
+        in_use = reset_peak_memory(device)
+        epoch()
+        peak = memory_mb(device, "VmHWM")
+        memory[key] = peak, peak - in_use
+    seconds = {key: [] for key in methods}
+    for _ in range(repeats):
+        for key, epoch in methods.items():
+            seconds[key].append(timed(epoch, device))
+    return {key: statistics.median(values) for key, values in seconds.items()}, memory
+
+
+def print_table(median, memory, kinds, images, steps):
+    print(f"{'models':7} {'method':38} {'s/epoch':>8} {'images/s':>9} {'ms/step':>8} "
+          f"{'peak MiB':>9} {'epoch adds':>10}")
+    for (models, name), value in median.items():
+        seen = images * len(models.split("+"))
+        print(f"{models.upper():7} {name:38} {value:8.2f} {seen / value:9.0f} "
+              f"{1e3 * value / steps:8.2f} {memory[models, name][0]:9.0f} "
+              f"{memory[models, name][1]:10.0f}")
+    for kind in kinds:
+        a, b, c = (median[kind, name] for name in (PROJECT, TUTORIAL, FLOOR))
+        print(f"{kind.upper():7} (b)/(a) = {b / a:.2f}x faster than the tutorial; "
+              f"(a)/(c) = {a / c:.2f}x the floor")
+    both = "+".join(kinds)
+    if (both, SIDE_BY_SIDE) in median:
+        a = median[both, SIDE_BY_SIDE]
+        alone, b, c = (sum(median[kind, name] for kind in kinds)
+                       for name in (PROJECT, TUTORIAL, FLOOR))
+        print(f"{both.upper():7} side by side: {alone / a:.2f}x faster than one after the other; "
+              f"against the sums of (b) and (c): (b)/(a) = {b / a:.2f}x, (a)/(c) = {a / c:.2f}x")
+
+
 def main_benchmark(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="data", help="MNIST folder, as for main.py")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="the MNIST folder, as for main.py")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    parser.add_argument("--batch-size", type=main.positive(int), default=128)
-    parser.add_argument("--repeats", type=main.positive(int), default=5, help="epochs timed per method")
+    parser.add_argument("--batch-size", type=main.number(int, 1), default=128)
+    parser.add_argument("--repeats", type=main.number(int, 1), default=5,
+                        help="epochs timed per method")
     parser.add_argument("--models", nargs="+", choices=["vae", "ae"], default=["vae", "ae"])
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="of (a) and (c), as main.py --precision")
     args = parser.parse_args(argv)
-    device = utils.pick_device(args.device)
     try:
+        device = utils.pick_device(args.device)
         if args.precision == "bf16":
             utils.check_bf16(device)
-        train_uint8 = utils.load_dataset(args.data_dir)["train"][0]
+        train_images = utils.to_model_input(utils.load_dataset(args.data_dir)["train"][0], device)
     except utils.ProjectError as error:
         raise SystemExit(f"error: {error}")
-    train_images = utils.to_model_input(train_uint8, device)
     steps = -(-len(train_images) // args.batch_size)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"device {device}{threads}, torch {torch.__version__}, {args.precision} (a) and (c), batch "
-          f"{args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
+    print(f"device {device}{threads}, torch {torch.__version__}, {args.precision} (a) and (c), "
+          f"batch {args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
     with tempfile.TemporaryDirectory() as folder:
-        root = stage_for_torchvision(args.data_dir, folder)
-        methods = {}  # (models, method) -> one epoch
-        for kind in args.models:
-            methods[kind, "(a) this project"] = project_epoch(
-                kind, train_images, args.batch_size, device, args.precision)
-            methods[kind, "(b) tutorial DataLoader + ToTensor"] = tutorial_epoch(kind, root, args.batch_size, device)
-            methods[kind, "(c) compute floor (matmuls only)"] = floor_epoch(
-                kind, steps, args.batch_size, device, args.precision)
-        both = "+".join(args.models)
-        if device.type == "cpu" and len(args.models) > 1:
-            methods[both, "(a) side by side, as main.py trains"] = side_by_side_epoch(
-                args.models, train_images, args.batch_size, device, args.precision)
-        seconds = {key: [] for key in methods}
-        memory = {}  # (peak, peak - in use before the epoch)
-        for key, epoch in methods.items():  # one untimed warm-up epoch each
-            in_use = reset_peak_memory(device)
-            epoch()
-            peak = memory_mb(device, "VmHWM")
-            memory[key] = peak, peak - in_use
-        for _ in range(args.repeats):
-            for key, epoch in methods.items():
-                seconds[key].append(timed(epoch, device))
-        median = {key: statistics.median(values) for key, values in seconds.items()}
-    print(f"{'models':7} {'method':38} {'s/epoch':>8} {'images/s':>9} {'ms/step':>8} {'peak MiB':>9} "
-          f"{'epoch adds':>10}")
-    for (models, name), value in median.items():
-        images = len(train_images) * len(models.split("+"))
-        print(f"{models.upper():7} {name:38} {value:8.2f} {images / value:9.0f} {1e3 * value / steps:8.2f} "
-              f"{memory[models, name][0]:9.0f} {memory[models, name][1]:10.0f}")
-    for kind in args.models:
-        a, b, c = (median[kind, name] for name in sorted(name for models, name in methods if models == kind))
-        print(f"{kind.upper():7} (b)/(a) = {b / a:.2f}x faster than the tutorial; (a)/(c) = {a / c:.2f}x the floor")
-    if (both, "(a) side by side, as main.py trains") in median:
-        a = median[both, "(a) side by side, as main.py trains"]
-        b, c = (sum(median[kind, name] for kind in args.models) for name in
-                ("(b) tutorial DataLoader + ToTensor", "(c) compute floor (matmuls only)"))
-        alone = sum(median[kind, "(a) this project"] for kind in args.models)
-        print(f"{both.upper():7} side by side: {alone / a:.2f}x faster than one after the other; against the sums "
-              f"of (b) and (c): (b)/(a) = {b / a:.2f}x, (a)/(c) = {a / c:.2f}x")
+        methods = methods_to_time(args, train_images, stage_for_torchvision(args.data_dir, folder),
+                                  device)
+        median, memory = time_methods(methods, args.repeats, device)
+    print_table(median, memory, args.models, len(train_images), steps)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,153 @@
-"""Train a VAE and a plain AE on MNIST side by side, then write figures and metrics.
+"""Train a VAE and a plain autoencoder (AE) on MNIST side by side, then score both and draw figures.
 
-    python main.py                      # train both models (30 epochs), save checkpoints, write figures
-    python main.py --eval               # rebuild every figure and metric from the saved checkpoints
-    python main.py --data-dir ../shared/data/mnist   # read the four IDX files from a folder, offline
+    python main.py            # train both models (30 epochs), write checkpoints/ and figures/
+    python main.py --eval     # rebuild every figure and figures/metrics.json from checkpoints/
+    python main.py --help     # the flags, in groups
+
+Read it top to bottom: the flags; main() and run(); training (train_models, start_training, fit,
+train_epoch); scoring (report, score_model, score_samples, draw_figures); then the helpers.
 """
-import argparse
-import math
-import signal
-import sys
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict
-from functools import partial
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
+STARTED = time.perf_counter()  # before the imports below, so that the table of phases shows them
 
-import utils
-from models import ModelConfig, build_model
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-DISPLAY_NAMES = {"vae": "VAE", "ae": "AE"}
-WEIGHT_DRAWS = threading.Lock()  # the global generator draws initial weights: one model at a time
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import utils  # noqa: E402
+from models import ModelConfig, build_model  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - STARTED
+MODEL_NAMES = {"vae": "VAE", "ae": "AE"}
+CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
+DEFAULT_NLL_SAMPLES = 100
+EVOLUTION_IMAGES = 1000  # test images whose codes each epoch keeps, for latent_evolution.gif
+MEMORY_FLAGS = {  # the flags that size what a phase allocates, named when it runs out of memory
+    "building the models": ["hidden_dim", "hidden_layers", "latent_dim"],
+    "training": ["batch_size", "hidden_dim"],
+    "scoring samples": ["quality_samples"],
+}
 
 
-def positive(kind, *, allow_zero=False):
-    """argparse type: a number of `kind` that is > 0 (>= 0 with allow_zero)."""
+# ------------------------------------------------------------------------------------------- flags
+
+def parse_args(argv=None):
+    parser = OneLineErrorParser(formatter_class=HelpFormatter, description="Train a VAE and a "
+                                "plain autoencoder on MNIST; compare them in figures and metrics.")
+    add_model_flags(parser.add_argument_group("model"))
+    add_training_flags(parser.add_argument_group("training"))
+    add_output_flags(parser.add_argument_group("data and output"))
+    add_scoring_flags(parser.add_argument_group("scoring"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.eval and args.resume:
+        parser.error("--eval and --resume exclude each other: --eval trains nothing")
+    try:
+        utils.pick_device(args.device)  # before any data is read
+    except utils.ProjectError as error:
+        parser.error(f"argument --device: {error}")
+    args.argv = [word for word in argv if word != "--resume"]  # for the command that resumes it
+    if args.models is not None:
+        args.models = list(dict.fromkeys(args.models))  # drop repeats; None: decided per run folder
+    return args
+
+
+def add_model_flags(group):
+    group.add_argument("--latent-dim", metavar="N", type=number(int, 1), default=20,
+                       help="size of the code z")
+    group.add_argument("--hidden-dim", metavar="N", type=number(int, 1), default=400,
+                       help="width of each hidden layer")
+    group.add_argument("--hidden-layers", metavar="N", type=number(int, 1), default=1,
+                       help="hidden layers in the encoder and in the decoder (--arch mlp)")
+    group.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                       help="an MLP, or two stride-2 convolutions and their transposes")
+    group.add_argument("--beta", type=number(float, 0, above=True), default=1.0,
+                       help="weight of the KL term in the VAE's training loss (1: the ELBO)")
+
+
+def add_training_flags(group):
+    group.add_argument("--epochs", metavar="N", type=number(int, 1), default=30,
+                       help="passes over the training set (with --resume: the new total)")
+    group.add_argument("--batch-size", metavar="N", type=number(int, 1), default=128,
+                       help="images per optimizer step")
+    group.add_argument("--lr", type=number(float, 0, above=True), default=1e-3,
+                       help="Adam's learning rate")
+    group.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                       help="cosine: anneal the learning rate to 0 over --epochs")
+    group.add_argument("--kl-warmup", type=number(float, 0), default=0.0, metavar="EPOCHS",
+                       help="raise the VAE's KL weight from 0 to --beta over this many epochs")
+    group.add_argument("--binarize", choices=["none", "dynamic", "static"], default="none",
+                       help="none: grey pixels as Bernoulli targets (the classic tutorials); "
+                            "dynamic: each training pixel resampled as a Bernoulli whenever it is "
+                            "seen (the likelihood literature); static: binarized once. The test "
+                            "set is binarized once, with a fixed seed.")
+    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: each step's forward pass under bfloat16 autocast; weights, "
+                            "Adam, the loss and all scoring stay fp32 (README, Speed)")
+    group.add_argument("--seed", metavar="N", type=int, default=0,
+                       help="seeds the weights, the batch order and all sampling")
+    group.add_argument("--device", metavar="NAME", default="auto",
+                       help="cpu, cuda, cuda:N or mps; auto: CUDA, then MPS, then the CPU")
+    group.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoints (weights, Adam, random states, "
+                            "history) up to --epochs in total, with their lr, batch size, seed "
+                            "and precision")
+
+
+def add_output_flags(group):
+    group.add_argument("--dataset", choices=list(utils.DATASETS), default="mnist",
+                       help="MNIST digits or Fashion-MNIST clothes (--eval and --resume use the "
+                            "checkpoints' own)")
+    group.add_argument("--data-dir", metavar="DIR", default="data",
+                       help="folder with the four IDX files (.gz or not, flat or in torchvision's "
+                            "MNIST/raw layout); torchvision downloads them there if none is found")
+    group.add_argument("--checkpoint-dir", metavar="DIR", default="checkpoints",
+                       help="where vae.pt and ae.pt are written")
+    group.add_argument("--figure-dir", metavar="DIR", default="figures",
+                       help="where the figures and metrics.json are written")
+    group.add_argument("--models", nargs="+", choices=list(MODEL_NAMES),
+                       help="which models to train (default: both) or evaluate (default: those "
+                            "with a checkpoint)")
+    group.add_argument("--latent-study", nargs="+", type=number(int, 1), metavar="SIZE",
+                       help="one run per latent size, in CHECKPOINT_DIR/latent-SIZE and "
+                            "FIGURE_DIR/latent-SIZE, then latent_study.png and .json to compare")
+
+
+def add_scoring_flags(group):
+    group.add_argument("--eval", action="store_true",
+                       help="no training: rebuild the models from their checkpoints, write the "
+                            "figures and metrics")
+    group.add_argument("--nll-samples", metavar="K", type=number(int, 1),
+                       help=f"importance samples per test image for the VAE's IWAE bound on "
+                            f"-log p(x) (default: {DEFAULT_NLL_SAMPLES}; --eval keeps the count of "
+                            "the metrics.json it replaces; 5000 as in Burda et al. 2015)")
+    group.add_argument("--quality-samples", metavar="N", default=10_000,
+                       type=number(int, 129, why=" (more than the classifier's 128 features)"),
+                       help="samples decoded from each sampler for the sample scores")
+
+
+def number(kind, minimum, *, above=False, why=""):
+    """argparse type: a finite int or float (`kind`) of at least `minimum` (more, if `above`)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not (value >= 0 if allow_zero else value > 0):
-            raise argparse.ArgumentTypeError(f"must be {'zero or more' if allow_zero else 'positive'}, got {text}")
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            bound = f"more than {minimum}" if above else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, got {text}")
         return value
     return parse
 
@@ -43,97 +157,231 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python main.py --help)\n")
 
 
-def parse_args(argv):
-    parser = OneLineErrorParser(
-        description="Train a VAE and a plain AE on MNIST and compare them with figures and metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--epochs", type=positive(int), default=30, help="passes over the 60,000 training images")
-    parser.add_argument("--batch-size", type=positive(int), default=128, help="images per optimizer step")
-    parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
-    parser.add_argument("--latent-dim", type=positive(int), default=20, help="size of the latent code z")
-    parser.add_argument("--hidden-dim", type=positive(int), default=400, help="width of the MLP hidden layer")
-    parser.add_argument("--hidden-layers", type=positive(int), default=1,
-                        help="MLP hidden layers in the encoder and in the decoder (--arch mlp)")
-    parser.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
-                        help="encoder/decoder: an MLP, or two stride-2 convolutions and their transposes")
-    parser.add_argument("--binarize", choices=["none", "dynamic", "static"], default="none",
-                        help="none: grey pixels as Bernoulli targets (the classic tutorials); dynamic: resample "
-                             "every training pixel as a Bernoulli each time it is seen (the likelihood literature); "
-                             "static: binarize once. The test set is binarized once, with a fixed seed.")
-    parser.add_argument("--beta", type=positive(float), default=1.0, help="KL weight in the VAE's training loss")
-    parser.add_argument("--kl-warmup", type=positive(float, allow_zero=True), default=0.0, metavar="EPOCHS",
-                        help="raise the KL weight linearly from 0 to --beta over this many epochs")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                        help="cosine: anneal the learning rate to 0 over --epochs")
-    parser.add_argument("--nll-samples", type=positive(int), default=100,
-                        help="importance samples per test image for the VAE's IWAE estimate of -log p(x) "
-                             "(5000 as in Burda et al. 2015 for the README table)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: each training step's forward pass under bfloat16 autocast (weights, Adam, the "
-                             "loss and all evaluation stay fp32); 1.4-1.9x faster training on a CPU with AVX512-BF16 "
-                             "(README, Speed), likely slower on CPUs without; test losses as fp32's to within 0.01")
-    parser.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and sampling")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N or mps; auto picks CUDA, then Apple MPS, then CPU")
-    parser.add_argument("--data-dir", default="data",
-                        help="folder with the four MNIST IDX files (.gz or not, flat or MNIST/raw); "
-                             "downloaded there by torchvision when none is found")
-    parser.add_argument("--quality-samples", type=positive(int), default=10_000,
-                        help="samples decoded from each sampler for the Frechet distance, confidence and class "
-                             "entropy scores")
-    parser.add_argument("--dataset", choices=list(utils.DATASETS), default="mnist",
-                        help="MNIST digits or Fashion-MNIST clothes (same format; --eval and --resume use the "
-                             "checkpoints' own)")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where vae.pt and ae.pt are written")
-    parser.add_argument("--figure-dir", default="figures", help="where the PNG figures and metrics.json go")
-    parser.add_argument("--models", nargs="+", choices=list(DISPLAY_NAMES),
-                        help="which models to train (default: both) or evaluate (default: those with a checkpoint)")
-    parser.add_argument("--latent-study", nargs="+", type=positive(int), metavar="SIZE",
-                        help="train (or with --eval, evaluate) one run per latent size, each in its own "
-                             "CHECKPOINT_DIR/latent-SIZE and FIGURE_DIR/latent-SIZE, then write "
-                             "latent_study.png and latent_study.json comparing them in FIGURE_DIR")
-    parser.add_argument("--eval", action="store_true",
-                        help="no training: rebuild models from the checkpoints, write figures and metrics")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue training from the checkpoints (weights, optimizer, RNG states, history) "
-                             "up to --epochs in total; lr, batch size, seed and precision come from the checkpoint")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if args.eval and args.resume:
-        parser.error("--eval and --resume exclude each other: --eval trains nothing")
-    args.argv = [word for word in argv if word != "--resume"]  # to print the command that resumes this run
-    if args.models is not None:
-        args.models = list(dict.fromkeys(args.models))  # drop repeats, keep order; None: decided per run folder
-    return args
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": the help says what happens then
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def train_epoch(model, optimizer, images, *, batch_size, shuffle, description, binarize="none",
-                kl_warmup=(1.0, 1.0), stop=None, noise=None, bar_position=None, precision="fp32"):
-    """One pass over `images` (N, 784) in a random order; returns the mean loss parts per image and their
-    sum as "loss" (for the VAE the negative ELBO, whatever KL weight it trains with).
+# ----------------------------------------------------------------------------------------- the run
 
-    binarize "dynamic" samples each pixel of each batch as a Bernoulli of its grey value. kl_warmup: the
-    fraction of the full KL weight at the start and at the end of this epoch, raised linearly per step.
-    noise: the model's own generator for those pixels and the VAE's z (None: torch's global one).
-    precision "bf16" runs the forward pass under bfloat16 autocast (the backward follows it).
-    Raises NonFiniteLoss if the loss is NaN or infinite; returns None, leaving the model mid-epoch,
-    as soon as `stop` (a StopRequest) has been signalled.
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except utils.ProjectError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+
+
+def run(args):
+    """Everything after the flags. A signal or a failed allocation, in any phase, ends the run
+    with one line that names the phase."""
+    phases = Phases()
+    with StopRequest() as stop:
+        try:
+            results = run_phases(args, phases, stop)
+        except Stopped as stopped:
+            message = stop_message(stopped.signal_name, phases.current, args)
+            raise utils.ProjectError(message, exit_code=130) from None
+        except (MemoryError, RuntimeError) as error:
+            if not utils.is_out_of_memory(error):
+                raise
+            flags = MEMORY_FLAGS.get(phases.current, ["hidden_dim", "batch_size"])
+            named = " or ".join(f"--{flag.replace('_', '-')} (now {getattr(args, flag)})"
+                                for flag in flags)
+            message = f"out of memory while {phases.current}; lower {named}"
+            raise utils.ProjectError(message) from None
+    print(phases.table())
+    return results
+
+
+def run_phases(args, phases, stop):
+    runs = run_folders(args)
+    with phases("loading the checkpoints"):  # a missing or bad one fails before the data is read
+        saved = [saved_checkpoints(run_args) for run_args in runs]
+    dataset = dataset_of(args, saved)
+    device = utils.pick_device(args.device)
+    resumed = {stored_flags(c)["precision"] for checkpoints in saved for c in checkpoints.values()}
+    if not args.eval and "bf16" in {args.precision} | resumed:
+        utils.check_bf16(device)
+    with phases("reading the data"):
+        data = load_data(args.data_dir, dataset, device)
+    with contextlib.ExitStack() as locks:
+        for folder in written_folders(runs, args.eval):
+            locks.enter_context(utils.FolderLock(folder))
+        results = {run_args.latent_dim: train_and_score(run_args, checkpoints, data, dataset,
+                                                        device, phases, stop)
+                   for run_args, checkpoints in zip(runs, saved)}
+        if not args.latent_study:
+            return results[args.latent_dim]
+        with phases("drawing the figures"):
+            return write_study(args, results)
+
+
+def train_and_score(run_args, checkpoints, data, dataset, device, phases, stop):
+    if not run_args.eval:
+        checkpoints = train_models(run_args, checkpoints, data, device, phases, stop)
+    metrics = report(checkpoints, data, dataset, run_args, phases)
+    print_summary(metrics, run_args)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------- training
+
+@dataclass
+class Trainee:
+    """One model in training, with what its checkpoint stores besides the model."""
+    kind: str
+    path: Path
+    config: ModelConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator  # the batch order
+    noise: torch.Generator  # the VAE's z and binarized pixels: each model its own
+    flags: dict  # the training flags: this run's, or the checkpoint's when resuming
+    history: list
+    checkpoint: dict = None  # the last one saved, or the one resumed from
+
+
+def train_models(args, checkpoints, data, device, phases, stop):
+    """Train each model of args.models, continuing its checkpoint if there is one; return
+    {kind: last checkpoint}. On a CPU the VAE and the AE train side by side, each in a thread
+    with half of torch's threads: one small model leaves the cores idle between its many short
+    operations, and the other fills them (README, Speed). Each draws from its own generators."""
+    with phases("building the models"):
+        trainees = [start_training(kind, args, checkpoints.get(kind), device)
+                    for kind in args.models]
+    jobs = {trainee.kind: partial(fit, trainee, args, data, stop, position)
+            for position, trainee in enumerate(trainees)}
+    with phases("training"), stop.polled():
+        if device.type != "cpu" or len(jobs) == 1 or torch.get_num_threads() < 2:
+            return {kind: job() for kind, job in jobs.items()}
+        return side_by_side(jobs, stop)
+
+
+def start_training(kind, args, checkpoint, device):
+    """A new model, its weights drawn from --seed, with its optimizer and generators; or the
+    one `checkpoint` holds."""
+    path = utils.checkpoint_path(args.checkpoint_dir, kind)
+    if checkpoint is not None:
+        return resume_training(kind, path, checkpoint, args, device)
+    torch.manual_seed(args.seed)  # each model's initial weights from the seed, whichever is first
+    config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim,
+                         arch=args.arch, hidden_layers=args.hidden_layers, beta=args.beta)
+    model = build_model(config).to(device)
+    shuffle, noise = (torch.Generator(device).manual_seed(args.seed + k) for k in (0, 1))
+    return Trainee(kind, path, config, model, make_optimizer(model, args.lr, device), shuffle,
+                   noise, flags=vars(args), history=[])
+
+
+def resume_training(kind, path, checkpoint, args, device):
+    config, model = restore_model(checkpoint, kind, args.checkpoint_dir, device)
+    flags = stored_flags(checkpoint)
+    optimizer = make_optimizer(model, flags["lr"], device)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    shuffle, noise = (torch.Generator(device).manual_seed(flags["seed"] + k) for k in (0, 1))
+    rng = checkpoint["rng"]
+    if torch.device(checkpoint["device"]).type == device.type and "noise" in rng:
+        shuffle.set_state(rng["shuffle"])  # generator states are per kind of device
+        noise.set_state(rng["noise"])
+    print(f"{MODEL_NAMES[kind]}: resuming {path} after epoch {checkpoint['epoch']} (its lr, "
+          f"batch size and seed; --epochs {args.epochs} is the new total)")
+    return Trainee(kind, path, config, model, optimizer, shuffle, noise, flags,
+                   checkpoint["history"], checkpoint)
+
+
+def fit(trainee, args, data, stop, bar_position=None):
+    """The epoch loop: train, test, checkpoint and print each epoch, from the trainee's next
+    one up to --epochs; return the last checkpoint."""
+    name, flags = MODEL_NAMES[trainee.kind], trainee.flags
+    train_targets = utils.binarized(data["train"][0], flags["binarize"], "train")
+    test_targets = utils.binarized(data["test"][0], flags["binarize"], "test")
+    if len(trainee.history) >= args.epochs:
+        print(f"{name}: {trainee.path} already holds {len(trainee.history)} epochs; nothing to do")
+    for epoch in range(len(trainee.history) + 1, args.epochs + 1):
+        started = time.perf_counter()
+        lr = learning_rate(flags["lr"], flags["lr_schedule"], epoch, args.epochs)
+        for group in trainee.optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            train_parts = train_epoch(
+                trainee.model, trainee.optimizer, train_targets, batch_size=flags["batch_size"],
+                shuffle=trainee.shuffle, noise=trainee.noise, binarize=flags["binarize"],
+                kl_warmup=kl_warmup_range(epoch, flags["kl_warmup"]), stop=stop,
+                precision=flags["precision"], description=f"{name} epoch {epoch}/{args.epochs}",
+                bar_position=bar_position)
+        except NonFiniteLoss as failure:
+            raise utils.ProjectError(
+                f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step} "
+                f"(lr {lr:g}); {utils.saved_epochs([trainee.path])}; try a lower --lr") from None
+        if train_parts is None:
+            raise Stopped(stop.signal_name)
+        trainee.history.append(epoch_record(trainee.model, epoch, train_parts, test_targets,
+                                            data["test"][0], started))
+        trainee.checkpoint = checkpoint_of(trainee, args.epochs, test_targets.device)
+        utils.save_checkpoint(trainee.path, trainee.checkpoint)
+        print_epoch(name, trainee.history[-1], args.epochs)
+    return trainee.checkpoint
+
+
+def epoch_record(model, epoch, train_parts, test_targets, test_images, started):
+    """What the history keeps of an epoch: its losses, its seconds and, for the GIF, the codes
+    of the first test images. The test loss is the one the report gives for these weights."""
+    sync(test_targets.device)
+    record = {"epoch": epoch, "train": train_parts, "train_seconds": time.perf_counter() - started,
+              "test": utils.evaluate_loss(model, test_targets)}
+    if epoch <= 30 or epoch % 10 == 0:
+        record["codes"] = utils.encode(model, test_images[:EVOLUTION_IMAGES])[0].half().cpu()
+    return {**record, "epoch_seconds": time.perf_counter() - started}
+
+
+def checkpoint_of(trainee, epochs, device):
+    return {
+        "config": asdict(trainee.config),
+        "model": trainee.model.state_dict(),
+        "optimizer": trainee.optimizer.state_dict(),
+        "epoch": len(trainee.history),
+        "history": trainee.history,
+        "args": {**trainee.flags, "epochs": epochs},  # its training flags, for --resume and --eval
+        "rng": {"shuffle": trainee.shuffle.get_state(), "noise": trainee.noise.get_state()},
+        "device": str(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }
+
+
+def print_epoch(name, record, epochs):
+    test = record["test"]
+    parts = "  ".join(f"{key} {value:.2f}" for key, value in test.items() if key != "loss")
+    tqdm.write(f"{name} epoch {record['epoch']:3d}/{epochs}  train {record['train']['loss']:.2f}  "
+               f"test {test['loss']:.2f} ({parts})  {record['epoch_seconds']:.1f}s")
+
+
+def train_epoch(model, optimizer, images, *, batch_size, shuffle, noise=None, binarize="none",
+                kl_warmup=(1.0, 1.0), precision="fp32", stop=None, description="",
+                bar_position=None):
+    """One pass over `images` (N, 784) in a random order; returns the mean loss parts per image
+    and their sum as "loss" (the VAE's negative ELBO, whatever KL weight it trains with).
+
+    binarize "dynamic" samples each pixel of each batch as a Bernoulli of its grey value.
+    kl_warmup: the share of the KL weight at the start and the end of the epoch, raised per step.
+    noise: the model's own generator. precision "bf16": the forward pass under bfloat16 autocast.
+    Raises NonFiniteLoss if the loss is NaN or infinite; returns None once `stop` is requested.
     """
     model.train()
     order = torch.randperm(len(images), generator=shuffle, device=images.device)
-    totals, seen = {}, 0
-    steps = math.ceil(len(images) / batch_size)
-    progress = tqdm(range(0, len(images), batch_size), desc=description, leave=False, mininterval=0.5,
-                    position=bar_position)
+    totals, seen, steps = {}, 0, math.ceil(len(images) / batch_size)
+    progress = tqdm(range(0, len(images), batch_size), desc=description, leave=False,
+                    mininterval=0.5, position=bar_position, disable=None)  # a bar in terminals only
     for step, start in enumerate(progress, start=1):
         batch = images[order[start:start + batch_size]]  # (B, 784)
         if binarize == "dynamic":
             batch = torch.bernoulli(batch, generator=noise)
         warmup = kl_warmup[0] + (kl_warmup[1] - kl_warmup[0]) * step / steps
-        # a new autocast per step: it keeps its bfloat16 copies of the weights until it exits, so one around the
-        # whole epoch would train every step on the weights of the first (tried: the loss diverges)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        # a new autocast each step: it keeps its bfloat16 weights until it exits, so one around
+        # the epoch would train every step on the first step's weights (tried: the loss diverges)
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=precision == "bf16"):
             loss, parts = model(batch, kl_warmup=warmup, noise=noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,7 +389,7 @@ def train_epoch(model, optimizer, images, *, batch_size, shuffle, description, b
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value * len(batch)
         seen += len(batch)
-        if step % 50 == 0 or seen == len(images):  # reading the loss waits for the device, so not every step
+        if step % 50 == 0 or seen == len(images):  # reading the loss waits for the device
             running_loss = sum(totals.values()).item() / seen
             if not math.isfinite(running_loss):
                 raise NonFiniteLoss(step)
@@ -153,261 +401,276 @@ def train_epoch(model, optimizer, images, *, batch_size, shuffle, description, b
     return {"loss": sum(means.values()), **means}
 
 
-def kl_warmup_range(epoch, warmup_epochs):
-    """Fraction of the KL weight at the start and the end of `epoch` (1-based) under a linear warm-up."""
-    if warmup_epochs <= 0:
-        return 1.0, 1.0
-    return min(1.0, (epoch - 1) / warmup_epochs), min(1.0, epoch / warmup_epochs)
+def side_by_side(jobs, stop=None):
+    """Run the callables `jobs` ({name: job}) at once, each in a thread with its share of torch's
+    CPU threads; return {name: result}. If one fails, `stop` asks the others to end after their
+    current step, and its error is raised."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // len(jobs)))
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = {name: pool.submit(job) for name, job in jobs.items()}
+            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+            failed = [future for future in done if future.exception() is not None]
+            if failed:
+                if stop is not None:
+                    stop.request("the other model's failure")
+                raise failed[0].exception()
+            return {name: future.result() for name, future in futures.items()}
+    finally:
+        torch.set_num_threads(threads)
 
 
-def learning_rate(base_lr, schedule, epoch, epochs):
-    """Learning rate for `epoch` (1-based): constant, or cosine-annealed from base_lr towards 0 over `epochs`."""
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
-    return base_lr
+# ----------------------------------------------------------------------------------------- scoring
+
+def report(checkpoints, data, dataset, run_args, phases):
+    """Rebuild each model from its checkpoint, score it, write metrics.json and every figure;
+    return the metrics."""
+    test_images = data["test"][0]
+    classifier, accuracy = scoring_classifier(dataset, data, phases)
+    with phases("loading the checkpoints"):
+        models = {MODEL_NAMES[kind]: restore_model(checkpoint, kind, run_args.checkpoint_dir,
+                                                   test_images.device)[1]
+                  for kind, checkpoint in checkpoints.items()}
+    nll_samples = nll_samples_for(run_args)
+    print(f"scoring {' and '.join(models)}: losses, codes, reconstructions, "
+          f"{f'the IWAE bound ({nll_samples} samples), ' if 'VAE' in models else ''}samples ...")
+    metrics = {"dataset": dataset, "quality_samples": run_args.quality_samples, "classifier": {
+        "file": str(CLASSIFIER_DIR / f"classifier-{dataset}.pt"), "test_accuracy": accuracy}}
+    codes = {}
+    for kind, checkpoint in checkpoints.items():
+        name = MODEL_NAMES[kind]
+        metrics[kind], codes[name] = score_model(models[name], checkpoint, data, phases)
+    if "vae" in checkpoints:
+        with phases("computing the IWAE bound"):
+            targets = utils.binarized(test_images, metrics["vae"]["binarize"], "test")
+            nats = utils.iwae_nll(models["VAE"], targets, nll_samples, progress=True)
+            metrics["vae"]["test_nll_iwae"] = {"nats": nats, "samples": nll_samples}
+    with phases("scoring samples"):
+        samplers = make_samplers(models, data["train"][0])
+        metrics["samples"] = score_samples(samplers, classifier, test_images,
+                                           run_args.quality_samples)
+    utils.save_json(Path(run_args.figure_dir) / "metrics.json", {**metrics, "notes": METRICS_NOTES})
+    histories = {MODEL_NAMES[kind]: checkpoints[kind]["history"] for kind in checkpoints}
+    draw_figures(models, codes, samplers, histories, metrics, data, dataset, run_args.figure_dir,
+                 phases)
+    return metrics
 
 
-class NonFiniteLoss(Exception):
-    def __init__(self, step):
-        super().__init__(step)
-        self.step = step
+def scoring_classifier(dataset, data, phases):
+    """The CNN that scores samples: trained once per dataset and cached in CLASSIFIER_DIR."""
+    path = CLASSIFIER_DIR / f"classifier-{dataset}.pt"
+    if path.exists():
+        return utils.load_classifier(path, data["train"][0].device)
+    print(f"training the classifier that scores samples (once for {utils.DATASETS[dataset].title};"
+          f" cached in {path}) ...")
+    with phases("training the scoring classifier"):
+        classifier, accuracy = utils.train_classifier(*data["train"], *data["test"])
+    utils.save_classifier(path, classifier, accuracy)
+    print(f"scoring classifier: {100 * accuracy:.2f}% test accuracy")
+    return classifier, accuracy
 
 
-class StopRequest:
-    """Turns SIGINT (Ctrl-C) and SIGTERM, or a call of request(), into a request that the loop reads after
-    each step."""
-
-    def __init__(self):
-        self.signal_name = None
-
-    def __enter__(self):
-        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, number, frame):
-        self.request(signal.Signals(number).name)
-
-    def request(self, reason):
-        self.signal_name = self.signal_name or reason
-
-    def __exit__(self, *exc_info):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-
-def make_optimizer(model, lr, device):
-    # fused: one kernel for all parameters instead of several per tensor (measured: 0.3 ms vs 0.7 ms a step on CPU)
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+def score_model(model, checkpoint, data, phases):
+    """One model's losses, reconstructions, latent statistics and training record; returns them
+    with its test codes (VAE: posterior means), which the figures reuse."""
+    (train_images, _), (test_images, test_labels) = data["train"], data["test"]
+    binarize = stored_flags(checkpoint)["binarize"]
+    test_targets = utils.binarized(test_images, binarize, "test")
+    with phases("scoring the losses"):
+        # the training set is scored on one fixed binarization when training resampled it
+        train_targets = utils.binarized(train_images, "static" if binarize == "dynamic"
+                                        else binarize, "train")
+        scores = {"test": utils.evaluate_loss(model, test_targets),
+                  "train": utils.evaluate_loss(model, train_targets)}
+    with phases("scoring codes and reconstructions"):
+        codes, logvar = utils.encode(model, test_images)  # (N, D) each; logvar None for the AE
+        scores["reconstruction"] = utils.reconstruction_errors(model, codes, test_images,
+                                                               test_targets)
+        aggregate = codes if logvar is None else utils.sample_codes(codes, logvar)  # z ~ q(z|x)
+        scores["latent"] = {"knn5_accuracy": utils.knn_accuracy(codes, test_labels),
+                            "aggregate_codes": utils.code_statistics(aggregate)}
+        if logvar is not None:
+            scores["posterior"] = utils.posterior_statistics(codes, logvar)
+    return {**scores, "binarize": binarize, **training_record(checkpoint, len(train_images))}, codes
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def make_samplers(models, train_images):
+    """{label: (model, Gaussian)}: each model decodes z ~ N(0, I), the VAE's prior; the AE also
+    decodes z from a Gaussian fitted to its own training codes, its fair chance."""
+    device = train_images.device
+    samplers = {f"{name}, z ~ N(0, I)": (model, utils.Gaussian.standard(model.latent_dim, device))
+                for name, model in models.items()}
+    if "AE" in models:
+        fitted = utils.Gaussian.fitted(utils.encode(models["AE"], train_images)[0])
+        samplers["AE, z ~ Gaussian fitted to its training codes"] = (models["AE"], fitted)
+    return samplers
 
 
-def restore_model(checkpoint, kind, path, device):
-    """Rebuild the model stored in `checkpoint` (read from `path`) from its own config."""
+def score_samples(samplers, classifier, test_images, count):
+    """Frechet distance, confident share and class entropy of `count` samples of each sampler."""
+    reference, _ = utils.classify(classifier, test_images)
+    scores = {}
+    for label, (model, gaussian) in samplers.items():
+        samples = utils.decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
+        scores[label] = utils.sample_quality(classifier, samples, reference)
+    return scores
+
+
+def draw_figures(models, codes, samplers, histories, metrics, data, dataset, figure_dir, phases):
+    info, folder = utils.DATASETS[dataset], Path(figure_dir)
+    images, labels = data["test"]
+    axes = {name: utils.principal_axes(model_codes) for name, model_codes in codes.items()}
+    with phases("drawing the figures"):
+        utils.plot_generation(samplers, folder / "generation.png")
+        utils.plot_interpolation(models, codes, images, labels, info, folder / "interpolation.png")
+        utils.plot_latent_scatter(codes, axes, labels, info, folder / "latent_scatter.png")
+        utils.plot_reconstruction(models, codes, images, info, folder / "reconstruction.png")
+        utils.plot_loss_curves(histories, folder / "loss_curves.png")
+        if "VAE" in models:
+            variances = metrics["vae"]["posterior"]["posterior_mean_variance"]
+            utils.plot_manifold(models["VAE"], variances, folder / "manifold.png")
+    with phases("drawing the GIF"):  # on the scatter's axes, so both show the same orientation
+        utils.write_latent_evolution(histories, axes, labels[:EVOLUTION_IMAGES], info,
+                                     folder / "latent_evolution.gif")
+
+
+def print_summary(metrics, run_args):
+    for kind in run_args.models:
+        m = metrics[kind]
+        iwae = m.get("test_nll_iwae")
+        nll = f", IWAE NLL {iwae['nats']:.2f} (k={iwae['samples']})" if iwae else ""
+        how = f"{m['images_per_second']} images/s on {m['trained_on']}"
+        how += f", {m['threads']} thread{'s' * (m['threads'] > 1)}" if m.get("threads") else ""
+        how += ", bf16" if m["flags"]["precision"] == "bf16" else ""
+        print(f"{MODEL_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll} after "
+              f"{m['epochs']} epochs, {m['seconds_per_epoch']:.2f} s/epoch ({how})")
+    for label, scores in metrics["samples"].items():
+        print(f"samples {label}: Frechet distance {scores['frechet_distance']:.1f}, "
+              f"{100 * scores['confident_share']:.1f}% confident, class entropy "
+              f"{scores['class_entropy_bits']:.2f} bits")
+    print(f"figures and metrics.json written to {run_args.figure_dir}/")
+
+
+def write_study(args, results):
+    """The latent-size study: the scores of each latent size, as a table, a figure and JSON."""
+    study = {str(size): study_row(metrics) for size, metrics in results.items()}
+    utils.save_json(Path(args.figure_dir) / "latent_study.json", study)
+    utils.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
+    print(utils.latent_study_table(study))
+    print(f"latent_study.png and latent_study.json written to {args.figure_dir}/")
+    return study
+
+
+def study_row(metrics):
+    """The numbers the latent-size study compares, for each model of one run."""
+    row = {}
+    for kind in MODEL_NAMES:
+        if kind in metrics:
+            row[kind] = {**metrics[kind]["reconstruction"],
+                         "test_loss": metrics[kind]["test"]["loss"]}
+            if "test_nll_iwae" in metrics[kind]:
+                row[kind]["test_nll_iwae"] = metrics[kind]["test_nll_iwae"]["nats"]
+    return row
+
+
+METRICS_NOTES = (
+    "Losses are per image in nats: the VAE's is the negative ELBO with one z per image (from a "
+    "fixed seed), the AE's its BCE; targets are grey pixels as Bernoulli targets unless 'binarize' "
+    "says otherwise (then the test set is one fixed Bernoulli sample). test_nll_iwae: importance-"
+    "weighted estimate of -log p(x) with that many samples. reconstruction: decoded code (VAE: "
+    "posterior mean) against the test image; mse per pixel, psnr in dB (peak 1) and ssim (11x11 "
+    "Gaussian window) against grey pixels. samples: decoded samples scored by the project's "
+    "classifier of the dataset's ten classes (frechet_distance of its 128-D features to the test "
+    "set's; share classified with confidence > 0.9; entropy of the predicted-class histogram in "
+    "bits, 3.32 when all ten are equally common). latent: leave-one-out 5-nearest-neighbour class "
+    "accuracy on test codes (VAE: posterior means); aggregate_codes: test codes (VAE: z sampled "
+    "from q(z|x)) per-dimension mean and std, and the KL from a Gaussian fitted to them to "
+    "N(0, I). posterior: active units (Cov over the test set of the posterior mean > 0.01) and KL "
+    "per dimension."
+)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def load_data(data_dir, dataset, device):
+    """{split: (images, labels)}: images (N, 784) in [0, 1] on `device`, labels (N,)."""
+    splits = utils.load_dataset(data_dir, dataset)
+    data = {split: (utils.to_model_input(images, device), labels)
+            for split, (images, labels) in splits.items()}
+    print(f"device {device}: {len(data['train'][0])} training and {len(data['test'][0])} test "
+          f"images of {utils.DATASETS[dataset].title} from {data_dir}/")
+    return data
+
+
+def run_folders(args):
+    """One run, or with --latent-study one per latent size, each in its own folders."""
+    if not args.latent_study:
+        return [args]
+    return [argparse.Namespace(**{**vars(args), "latent_dim": size, "latent_study": None,
+                                  "checkpoint_dir": f"{args.checkpoint_dir}/latent-{size}",
+                                  "figure_dir": f"{args.figure_dir}/latent-{size}"})
+            for size in dict.fromkeys(args.latent_study)]
+
+
+def written_folders(runs, evaluating):
+    """The folders the runs write into, each locked while they do: the figure folders and, when
+    training, the checkpoint folders. Resolved, so that a folder named twice is locked once."""
+    folders = [run_args.figure_dir for run_args in runs]
+    folders += [] if evaluating else [run_args.checkpoint_dir for run_args in runs]
+    return list(dict.fromkeys(Path(folder).resolve() for folder in folders))
+
+
+def saved_checkpoints(run_args):
+    """The checkpoints --eval evaluates (those of --models, or all in the folder) or --resume
+    continues, each checked now, before any training."""
+    folder = run_args.checkpoint_dir
+    saved = [kind for kind in MODEL_NAMES if utils.checkpoint_path(folder, kind).is_file()]
+    if run_args.models is None:  # --eval: what the folder holds (or both, to name one missing)
+        run_args.models = saved if run_args.eval and saved else list(MODEL_NAMES)
+    if not (run_args.eval or run_args.resume):
+        return {}
+    # --resume continues what is there; a model with no checkpoint yet starts afresh
+    kinds = run_args.models if run_args.eval else [k for k in run_args.models if k in saved]
+    checkpoints = {kind: utils.load_checkpoint(utils.checkpoint_path(folder, kind))
+                   for kind in kinds}
+    for kind, checkpoint in checkpoints.items():
+        restore_model(checkpoint, kind, folder, torch.device("cpu"))  # the wrong model fails now
+    return checkpoints
+
+
+def dataset_of(args, checkpoints):
+    """--dataset, unless the checkpoints were trained on another: --eval and --resume follow."""
+    stored = {stored_flags(checkpoint)["dataset"] for saved in checkpoints for checkpoint in
+              saved.values()}
+    if len(stored) > 1:
+        raise utils.ProjectError(f"the checkpoints under {args.checkpoint_dir}/ were trained on "
+                                 f"{' and '.join(sorted(stored))}: evaluate one folder at a time")
+    return stored.pop() if stored else args.dataset
+
+
+def stored_flags(checkpoint):
+    """The flags a checkpoint was trained with; one added since it was written has its default."""
+    return {**vars(parse_args([])), **checkpoint["args"]}
+
+
+def restore_model(checkpoint, kind, checkpoint_dir, device):
+    """Rebuild the model of `kind` that `checkpoint` (from `checkpoint_dir`) holds, from its
+    own config; return (config, model)."""
+    path = utils.checkpoint_path(checkpoint_dir, kind)
     config = ModelConfig(**checkpoint["config"])
     if config.kind != kind:
-        raise utils.ProjectError(f"{path} holds the {config.kind.upper()} model, not the {kind.upper()}; "
-                                 f"restore the right file or retrain with --models {kind}")
+        raise utils.ProjectError(f"{path} holds the {config.kind.upper()} model, not the "
+                                 f"{kind.upper()}; restore the right file or retrain with "
+                                 f"--models {kind}")
     model = build_model(config)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
-        raise utils.ProjectError(f"{path}: the weights do not fit the model its config describes ({config}); "
-                                 "the file is damaged or from another version: retrain") from None
+        raise utils.ProjectError(f"{path}: its weights do not fit its own config ({config.arch}, "
+                                 f"hidden {config.hidden_dim}, latent {config.latent_dim}); the "
+                                 "file is damaged or from another version: retrain") from None
     return config, model.to(device)
-
-
-def noise_key(device):
-    """Where a checkpoint's "rng" keeps the model's noise stream: "torch" on the CPU, as when it was the global one."""
-    return "torch" if device.type == "cpu" else device.type
-
-
-def new_noise(device, seed):
-    """The model's own generator for z and binarized pixels, so that the VAE and the AE can train at the same time
-    without one's draws shifting the other's. Called right after the weights are drawn, it continues where torch's
-    global generator stands (on a GPU: starts at the seed, as the device's did), so that a model draws the numbers
-    it drew when that generator was the global one, and older runs retrain bit for bit."""
-    noise = torch.Generator(device=device)
-    return noise.set_state(torch.get_rng_state()) if device.type == "cpu" else noise.manual_seed(seed)
-
-
-def rng_states(shuffle, noise, device):
-    return {"shuffle": shuffle.get_state(), noise_key(device): noise.get_state()}
-
-
-EVOLUTION_IMAGES = 1000
-
-
-def stored_flags(checkpoint):
-    """The flags a checkpoint was trained with; a flag added since it was written gets the parser's default."""
-    return {**vars(parse_args([])), **checkpoint["args"]}
-
-
-def train(kind, args, train_images, test_images, device, stop, resume_from=None, bar_position=None):
-    """Train one model, or continue the one in the checkpoint `resume_from`; checkpoint after every epoch;
-    return the last checkpoint. Apart from the initial weights (drawn under WEIGHT_DRAWS) it draws random numbers
-    only from its own generators, so another model may train at the same time."""
-    path = utils.checkpoint_path(args.checkpoint_dir, kind)
-    name = DISPLAY_NAMES[kind]
-    shuffle = torch.Generator(device=device)
-    checkpoint = resume_from
-    if checkpoint is not None:
-        config, model = restore_model(checkpoint, kind, path, device)
-        flags = stored_flags(checkpoint)
-        optimizer = make_optimizer(model, flags["lr"], device)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        batch_size, history = flags["batch_size"], checkpoint["history"]
-        noise = torch.Generator(device=device).manual_seed(flags["seed"])
-        if noise_key(device) in checkpoint["rng"]:  # absent if the checkpoint was written on another kind of device
-            noise.set_state(checkpoint["rng"][noise_key(device)])
-        shuffle.set_state(checkpoint["rng"]["shuffle"])
-        print(f"{name}: resuming {path} after epoch {checkpoint['epoch']} (its lr, batch size and seed; "
-              f"--epochs {args.epochs} is the new total)")
-    else:
-        shuffle.manual_seed(args.seed)
-        config = ModelConfig(kind=kind, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, arch=args.arch,
-                             hidden_layers=args.hidden_layers, beta=args.beta)
-        # the global generator, seeded for each model (so one model's run does not depend on another's): one at a time
-        with WEIGHT_DRAWS:
-            torch.manual_seed(args.seed)
-            model = build_model(config)
-            noise = new_noise(device, args.seed)
-        model = model.to(device)
-        optimizer = make_optimizer(model, args.lr, device)
-        batch_size, history = args.batch_size, []
-        flags = vars(args)
-    train_targets = utils.binarized(train_images, flags["binarize"], "train")
-    test_targets = utils.binarized(test_images, flags["binarize"], "test")
-    for epoch in range(len(history) + 1, args.epochs + 1):
-        sync(device)
-        epoch_start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(flags["lr"], flags["lr_schedule"], epoch, args.epochs)
-        try:
-            train_parts = train_epoch(model, optimizer, train_targets, batch_size=batch_size, shuffle=shuffle,
-                                      description=f"{name} epoch {epoch}/{args.epochs}",
-                                      binarize=flags["binarize"],
-                                      kl_warmup=kl_warmup_range(epoch, flags["kl_warmup"]), stop=stop,
-                                      noise=noise, bar_position=bar_position, precision=flags["precision"])
-        except NonFiniteLoss as failure:
-            raise utils.ProjectError(
-                f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step}; try a lower --lr "
-                f"(it was {optimizer.param_groups[0]['lr']}); {path} keeps the last good epoch"
-            ) from None
-        if train_parts is None:
-            saved = f"{path} holds epoch {epoch - 1}" if history else f"no {name} epoch was complete"
-            raise utils.ProjectError(
-                f"stopped by {stop.signal_name} during {name} epoch {epoch}; {saved}; continue with: "
-                f"python main.py {' '.join(args.argv)} --resume", exit_code=130)
-        sync(device)
-        train_seconds = time.perf_counter() - epoch_start
-        test_parts = utils.evaluate_loss(model, test_targets, noise=noise)
-        record = {"epoch": epoch, "train": train_parts, "test": test_parts, "train_seconds": train_seconds}
-        if epoch <= 30 or epoch % 10 == 0:  # codes of the first test images, for latent_evolution.gif
-            record["codes"] = utils.encode_all(model, test_images[:EVOLUTION_IMAGES]).half().cpu()
-        history.append({**record, "epoch_seconds": time.perf_counter() - epoch_start})
-        checkpoint = {
-            "config": asdict(config),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "history": history,
-            "args": {**resume_from["args"], "epochs": args.epochs} if resume_from else vars(args),
-            "rng": rng_states(shuffle, noise, device),  # after the test pass, whose sampling also draws from it
-            "device": str(device),
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,  # fewer when two train at once
-        }
-        utils.save_checkpoint(path, checkpoint)
-        parts = "  ".join(f"{key} {value:.2f}" for key, value in test_parts.items() if key != "loss")
-        tqdm.write(f"{name} epoch {epoch:3d}/{args.epochs}  train {train_parts['loss']:.2f}  "
-                   f"test {test_parts['loss']:.2f} ({parts})  {history[-1]['epoch_seconds']:.1f}s")
-    if checkpoint is resume_from:
-        print(f"{name}: {path} already holds {len(history)} epochs; nothing to train")
-    return checkpoint
-
-
-def report(checkpoints, data, dataset, classifier_path, checkpoint_dir, figure_dir, device, *, nll_samples,
-           quality_samples):
-    """Rebuild each model from its checkpoint, write metrics.json and every figure.
-
-    data: {"train": (images, labels), "test": (images, labels)}, images (N, 784) grey on `device`.
-    """
-    (train_images, train_labels), (test_images, test_labels) = data["train"], data["test"]
-    info = utils.DATASETS[dataset]
-    classifier, classifier_accuracy = utils.load_or_train_classifier(
-        classifier_path, train_images, train_labels, test_images, test_labels)
-    test_features, _ = utils.classify(classifier, test_images)
-    models, samplers = {}, {}
-    metrics = {"dataset": dataset, "quality_samples": quality_samples,
-               "classifier": {"file": str(classifier_path), "test_accuracy": classifier_accuracy}}
-    for kind, checkpoint in checkpoints.items():
-        name = DISPLAY_NAMES[kind]
-        _, model = restore_model(checkpoint, kind, utils.checkpoint_path(checkpoint_dir, kind), device)
-        models[name] = model
-        flags = stored_flags(checkpoint)
-        binarize = flags["binarize"]
-        # the training set is scored on one fixed binarization when training resampled it every time
-        train_targets = utils.binarized(train_images, "static" if binarize == "dynamic" else binarize, "train")
-        test_targets = utils.binarized(test_images, binarize, "test")
-        torch.manual_seed(flags["seed"])  # the VAE's loss samples z: same seed, same numbers
-        metrics[kind] = {
-            "test": utils.evaluate_loss(model, test_targets),
-            "train": utils.evaluate_loss(model, train_targets),
-            "reconstruction": utils.reconstruction_errors(model, test_images, test_targets),
-            "binarize": binarize,
-            **training_record(checkpoint, len(train_images)),
-        }
-        test_codes = utils.encode_all(model, test_images)  # (N, D); VAE: posterior means
-        aggregate_codes = test_codes
-        if kind == "vae":
-            aggregate_codes = utils.sample_posterior(model, test_images)  # z ~ q(z|x): the aggregate posterior
-            metrics[kind]["posterior"] = utils.posterior_statistics(model, test_images)
-            # last, so that the number of samples it draws changes no other number
-            metrics[kind]["test_nll_iwae"] = {"nats": utils.iwae_nll(model, test_targets, nll_samples),
-                                              "samples": nll_samples}
-        metrics[kind]["latent"] = {"knn5_accuracy": utils.knn_accuracy(test_codes, test_labels),
-                                   "aggregate_codes": utils.code_statistics(aggregate_codes)}
-        samplers[f"{name}, z ~ N(0, I)"] = (model, utils.Gaussian.standard(model.latent_dim, device))
-        if kind == "ae":  # the fair AE sampler: a Gaussian fitted to its own training codes
-            fitted = utils.Gaussian.fitted(utils.encode_all(model, train_images))
-            samplers[f"{name}, z ~ Gaussian fitted to its training codes"] = (model, fitted)
-    metrics["samples"] = {
-        label: utils.sample_quality(
-            classifier, utils.decode_images(model, gaussian.sample(quality_samples, seed=0)).flatten(1), test_features)
-        for label, (model, gaussian) in samplers.items()
-    }
-    metrics["notes"] = METRICS_NOTES
-    figure_dir = Path(figure_dir)
-    utils.save_json(figure_dir / "metrics.json", metrics)
-    utils.plot_generation(samplers, figure_dir / "generation.png")
-    utils.plot_interpolation(models, test_images, test_labels, info, figure_dir / "interpolation.png")
-    utils.plot_latent_scatter(models, test_images, test_labels, info, figure_dir / "latent_scatter.png")
-    utils.plot_reconstruction(models, test_images, info, figure_dir / "reconstruction.png")
-    histories = {DISPLAY_NAMES[kind]: c["history"] for kind, c in checkpoints.items()}
-    utils.plot_loss_curves(histories, figure_dir / "loss_curves.png")
-    utils.write_latent_evolution(histories, test_labels[:EVOLUTION_IMAGES], info, figure_dir / "latent_evolution.gif")
-    if "vae" in checkpoints:
-        utils.plot_manifold(models["VAE"], metrics["vae"]["posterior"]["posterior_mean_variance"],
-                            figure_dir / "manifold.png")
-    return metrics
-
-
-METRICS_NOTES = (
-    "Losses are per image in nats: the VAE's is the negative ELBO with one sampled z per image, the AE's its BCE; "
-    "targets are grey pixels as Bernoulli targets unless 'binarize' says otherwise (then the test set is one fixed "
-    "Bernoulli sample). test_nll_iwae: importance-weighted estimate of -log p(x) with that many samples. "
-    "reconstruction: decoded code (VAE: posterior mean) against the test image; mse per pixel, psnr in dB "
-    "(peak 1) and ssim (11x11 Gaussian window) against grey pixels. samples: decoded samples scored by "
-    "the project's classifier of the dataset's ten classes (frechet_distance of its 128-D features to the test "
-    "set's; share classified with confidence > 0.9; entropy of the predicted-class histogram in bits, 3.32 when "
-    "all ten are equally common). latent: leave-one-out 5-nearest-neighbour class accuracy on test codes (VAE: "
-    "posterior means); aggregate_codes: test codes (VAE: z sampled from q(z|x)) per-dimension mean and std, and "
-    "the KL from a Gaussian fitted to them to N(0, I). posterior: active units (Cov over the test set of the "
-    "posterior mean > 0.01) and KL per dimension."
-)
 
 
 def training_record(checkpoint, num_train_images):
@@ -420,155 +683,135 @@ def training_record(checkpoint, num_train_images):
         "images_per_second": round(num_train_images * len(history) / train_seconds),
         "wall_seconds": round(sum(record["epoch_seconds"] for record in history), 2),
         "trained_on": checkpoint["device"],
-        "threads": checkpoint.get("threads"),  # None in checkpoints from before it was recorded
+        "threads": checkpoint.get("threads"),
         "config": checkpoint["config"],
-        "flags": {key: flags[key]
-                  for key in ("batch_size", "lr", "seed", "binarize", "kl_warmup", "lr_schedule", "precision")},
+        "flags": {key: flags[key] for key in ("batch_size", "lr", "seed", "binarize", "kl_warmup",
+                                              "lr_schedule", "precision")},
     }
 
 
-def run_folders(args):
-    """One run, or with --latent-study one per latent size, each with its own checkpoint and figure folders."""
-    if not args.latent_study:
-        return [args]
-    return [argparse.Namespace(**{**vars(args), "latent_dim": size, "latent_study": None,
-                                  "checkpoint_dir": str(Path(args.checkpoint_dir) / f"latent-{size}"),
-                                  "figure_dir": str(Path(args.figure_dir) / f"latent-{size}")})
-            for size in dict.fromkeys(args.latent_study)]
+def nll_samples_for(run_args):
+    """--nll-samples; else with --eval the count of the metrics.json it replaces, so that --eval
+    reproduces that file; else the default."""
+    if run_args.nll_samples:
+        return run_args.nll_samples
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if run_args.eval:
+            stored = json.loads((Path(run_args.figure_dir) / "metrics.json").read_text())
+            return stored["vae"]["test_nll_iwae"]["samples"]
+    return DEFAULT_NLL_SAMPLES
 
 
-def saved_checkpoints(run_args):
-    """The checkpoints --eval evaluates (all of --models, or every one in the folder) or --resume continues."""
-    saved = [kind for kind in DISPLAY_NAMES if utils.checkpoint_path(run_args.checkpoint_dir, kind).is_file()]
-    if run_args.models is None:  # --eval: whatever the folder holds (none: name the file it lacks); training: both
-        run_args.models = saved if run_args.eval and saved else list(DISPLAY_NAMES)
-    if not (run_args.eval or run_args.resume):
-        return {}
-    # --resume continues what is there; a model with no checkpoint yet (stopped before it began) starts fresh
-    kinds = run_args.models if run_args.eval else [kind for kind in run_args.models if kind in saved]
-    checkpoints = {}
-    for kind in kinds:
-        path = utils.checkpoint_path(run_args.checkpoint_dir, kind)
-        checkpoints[kind] = utils.load_checkpoint(path)
-        restore_model(checkpoints[kind], kind, path, torch.device("cpu"))  # a wrong model fails now, before training
-    return checkpoints
+def make_optimizer(model, lr, device):
+    # fused: one kernel for all the parameters (measured: 0.4 against 1.1 ms a step on a CPU)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def dataset_of(args, checkpoints):
-    """--dataset, unless the checkpoints were trained on another: --eval and --resume follow them."""
-    stored = {stored_flags(checkpoint)["dataset"] for saved in checkpoints for checkpoint in saved.values()}
-    if len(stored) > 1:
-        raise utils.ProjectError(f"the checkpoints under {args.checkpoint_dir}/ were trained on different datasets "
-                                 f"({', '.join(sorted(stored))}); evaluate them one folder at a time")
-    return stored.pop() if stored else args.dataset
+def learning_rate(base_lr, schedule, epoch, epochs):
+    """The learning rate of `epoch` (1-based): constant, or cosine-annealed towards 0."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    return base_lr
 
 
-def side_by_side(jobs, stop=None):
-    """Run the callables in `jobs` ({name: callable}) at the same time, each in its own thread with its share of
-    torch's CPU threads; return {name: result}. If one raises, `stop` (a StopRequest) is requested so that the
-    others end after their current step, and that error is raised."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(jobs)))
-    try:
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = {name: pool.submit(job) for name, job in jobs.items()}
-            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
-            failed = [future for future in futures.values() if future in done and future.exception() is not None]
-            if failed:
-                if stop is not None:
-                    stop.request("the other model's failure")
-                raise failed[0].exception()
-            return {name: future.result() for name, future in futures.items()}
-    finally:
-        torch.set_num_threads(threads)
+def kl_warmup_range(epoch, warmup_epochs):
+    """The share of the KL weight at the start and the end of `epoch` (1-based)."""
+    if warmup_epochs <= 0:
+        return 1.0, 1.0
+    return min(1.0, (epoch - 1) / warmup_epochs), min(1.0, epoch / warmup_epochs)
 
 
-def train_models(args, checkpoints, train_images, test_images, device, stop):
-    """Train each model of args.models (continuing its checkpoint, if any); return {kind: last checkpoint}.
-
-    On the CPU the models train side by side: a model's small operations and Python steps leave cores idle that
-    the other one fills (benchmark.py: 1.15-1.27x faster for the VAE and AE on 2 cores than one after the other).
-    Each draws from its own generators, so its weights are those it gets training alone.
-    """
-    def train_one(kind, position=None):
-        return train(kind, args, train_images, test_images, device, stop, checkpoints.get(kind), position)
-    if device.type != "cpu" or len(args.models) == 1 or torch.get_num_threads() < len(args.models):
-        return {kind: train_one(kind) for kind in args.models}
-    return side_by_side({kind: partial(train_one, kind, position) for position, kind in enumerate(args.models)},
-                        stop)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def run(args):
-    device = utils.pick_device(args.device)
-    runs = run_folders(args)
-    saved = [saved_checkpoints(run_args) for run_args in runs]  # a missing or bad checkpoint fails before the data
-    dataset = dataset_of(args, saved)
-    resumed_precisions = {stored_flags(c)["precision"] for checkpoints in saved for c in checkpoints.values()}
-    if not args.eval and "bf16" in {args.precision} | resumed_precisions:
-        utils.check_bf16(device)
-    data = utils.load_dataset(args.data_dir, dataset)
-    for run_args in runs:
-        for folder in (run_args.figure_dir,) if args.eval else (run_args.checkpoint_dir, run_args.figure_dir):
-            utils.check_writable(folder)
-    model_data = {split: (utils.to_model_input(images, device), labels) for split, (images, labels) in data.items()}
-    train_images, test_images = model_data["train"][0], model_data["test"][0]  # (60000, 784), (10000, 784) in [0, 1]
-    print(f"device {device}: {len(train_images)} training and {len(test_images)} test images of "
-          f"{utils.DATASETS[dataset].title} from {args.data_dir}/")
-    classifier_path = Path(args.checkpoint_dir) / f"classifier-{dataset}.pt"  # shared by the runs of a study
-    results = {}
-    for run_args, checkpoints in zip(runs, saved):
-        if not args.eval:
-            with StopRequest() as stop:
-                checkpoints = train_models(run_args, checkpoints, train_images, test_images, device, stop)
-        metrics = report(checkpoints, model_data, dataset, classifier_path, run_args.checkpoint_dir,
-                         run_args.figure_dir, device, nll_samples=args.nll_samples,
-                         quality_samples=args.quality_samples)
-        print_summary(metrics, run_args)
-        results[run_args.latent_dim] = metrics
-    if not args.latent_study:
-        return metrics
-    study = {str(size): study_row(metrics) for size, metrics in results.items()}
-    utils.save_json(Path(args.figure_dir) / "latent_study.json", study)
-    utils.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
-    print(utils.latent_study_table(study))
-    print(f"latent_study.png and latent_study.json written to {args.figure_dir}/")
-    return study
+class NonFiniteLoss(Exception):
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
 
 
-def study_row(metrics):
-    """The numbers the latent-size study compares, for each model in one run."""
-    row = {}
-    for kind in DISPLAY_NAMES:
-        if kind in metrics:
-            row[kind] = {**metrics[kind]["reconstruction"], "test_loss": metrics[kind]["test"]["loss"]}
-            if "test_nll_iwae" in metrics[kind]:
-                row[kind]["test_nll_iwae"] = metrics[kind]["test_nll_iwae"]["nats"]
-    return row
+# ------------------------------------------------------------------------------ signals and phases
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM ended the run."""
+
+    def __init__(self, signal_name):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
-def print_summary(metrics, run_args):
-    for kind in run_args.models:
-        m = metrics[kind]
-        iwae = m.get("test_nll_iwae")
-        nll = f", IWAE NLL {iwae['nats']:.2f} (k={iwae['samples']})" if iwae else ""
-        threads = f", {m['threads']} thread{'s' * (m['threads'] > 1)}" if m.get("threads") else ""
-        threads += ", bf16" if m["flags"]["precision"] == "bf16" else ""
-        print(f"{DISPLAY_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll} after {m['epochs']} epochs, "
-              f"{m['seconds_per_epoch']:.2f} s/epoch ({m['images_per_second']} images/s on {m['trained_on']}{threads})")
-    for label, scores in metrics["samples"].items():
-        print(f"samples {label}: Frechet distance {scores['frechet_distance']:.1f}, "
-              f"{100 * scores['confident_share']:.1f}% confident, "
-              f"class entropy {scores['class_entropy_bits']:.2f} bits")
-    print(f"figures and metrics.json written to {run_args.figure_dir}/")
+class StopRequest:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into Stopped. Inside polled() (the training loops) a
+    signal only records its name, which the loop reads after each step, so that no step or
+    checkpoint is cut in half; elsewhere the first signal raises Stopped at once (every file is
+    written whole or not at all)."""
+
+    def __init__(self):
+        self.signal_name, self.polling = None, False
+
+    def __enter__(self):
+        self.previous = {number: signal.signal(number, self.handle)
+                         for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number, frame):
+        first = self.signal_name is None
+        self.request(signal.Signals(number).name)
+        if first and not self.polling:
+            raise Stopped(self.signal_name)
+
+    def request(self, reason):
+        self.signal_name = self.signal_name or reason
+
+    @contextlib.contextmanager
+    def polled(self):
+        self.polling = True
+        try:
+            yield
+        finally:
+            self.polling = False
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except utils.ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+def stop_message(signal_name, phase, args):
+    """The line a signal ends the run with: the phase, what the checkpoints on disk hold, and
+    how to go on."""
+    if args.eval:
+        return (f"stopped by {signal_name} while {phase}; the checkpoints are untouched; run the "
+                "same command again")
+    paths = [utils.checkpoint_path(run_args.checkpoint_dir, kind)
+             for run_args in run_folders(args) for kind in args.models or MODEL_NAMES]
+    return (f"stopped by {signal_name} while {phase}; {utils.saved_epochs(paths)}; continue "
+            f"with: python main.py {' '.join(args.argv)} --resume")
+
+
+class Phases:
+    """Wall-clock seconds per phase, for the table printed at the end of a run; `current` names
+    the phase under way, for the line a signal or an out-of-memory error ends the run with."""
+
+    def __init__(self):
+        self.started, self.current = time.perf_counter(), "starting"
+        self.seconds = {"start-up (Python and its imports)": IMPORT_SECONDS}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        outer, self.current = self.current, name
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        self.current = outer  # not reached when the phase raised: `current` then names it
+
+    def table(self):
+        rows = [f"  {name:<36} {seconds:6.1f} s" for name, seconds in self.seconds.items()]
+        total = IMPORT_SECONDS + time.perf_counter() - self.started
+        return "\n".join(["time by phase:", *rows, f"  {'total':<36} {total:6.1f} s"])
 
 
 if __name__ == "__main__":

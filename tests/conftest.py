@@ -1,5 +1,6 @@
 import gzip
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,24 @@ import pytest
 import main
 import utils
 
-REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-COMMITTED_CLASSIFIER = Path(__file__).resolve().parents[1] / "checkpoints" / "classifier-mnist.pt"
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+COMMITTED_CLASSIFIER = ROOT / "checkpoints" / "classifier-mnist.pt"
 FAST_SCORES = ["--quality-samples", "500", "--nll-samples", "10"]  # the defaults take seconds a call on a CPU
+
+
+@pytest.fixture(autouse=True)
+def in_a_fresh_folder(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so that the scoring classifier's cache (checkpoints/, relative to the
+    working folder) and every default path land there, never in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def committed_classifier(tmp_path):
+    """The committed MNIST classifier in this test's cache folder: training it takes 20 s."""
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy(COMMITTED_CLASSIFIER, tmp_path / "checkpoints" / COMMITTED_CLASSIFIER.name)
 
 
 def write_idx(path, array, *, compress):
@@ -43,15 +59,25 @@ def synthetic_mnist(tmp_path):
     return make_synthetic_mnist(tmp_path / "mnist")
 
 
+def last_line(stderr):
+    """What a terminal shows last: progress bars move the cursor and overwrite lines with \\r."""
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
+    lines = [line.strip() for line in re.split(r"[\r\n]+", shown) if line.strip()]
+    return lines[-1], lines
+
+
+def check_error_line(stderr):
+    """The run ended with exactly one line 'error: ...', no traceback, short once the paths it names are left out."""
+    printed, lines = last_line(stderr)
+    assert printed.startswith("error: ") and "Traceback" not in stderr, stderr
+    assert sum(line.startswith("error") for line in lines) == 1, stderr
+    assert len(re.sub(r"\S*/\S*|python main\.py .*", "", printed)) <= 200, printed  # the paths and the command
+    return printed
+
+
 def run_expecting_error(argv, capsys):
     """Run main(argv), which must fail; return its exit code and the one line it printed."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         main.main([str(word) for word in argv])
-    stderr = capsys.readouterr().err
-    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)  # what a terminal shows: bars move the cursor
-    lines = [line.strip() for line in re.split(r"[\r\n]+", shown) if line.strip()]  # and overwrite lines with \r
-    printed = lines[-1]
-    assert printed.startswith("error: ") and "Traceback" not in stderr, stderr
-    assert sum(line.startswith("error") for line in lines) == 1, stderr
-    return exited.value.code, printed
+    return exited.value.code, check_error_line(capsys.readouterr().err)

@@ -83,8 +83,9 @@ def test_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(utils.ProjectError, match="could not download MNIST .*--data-dir"):
+    with pytest.raises(utils.ProjectError, match="could not download MNIST .*Error downloading.*--data-dir"):
         utils.load_dataset(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # no empty folders left behind
 
 
 def test_main_prints_the_error_without_a_traceback(synthetic_mnist, tmp_path, capsys):
@@ -106,6 +107,7 @@ def test_fashion_mnist_downloads_with_its_own_torchvision_class(tmp_path, monkey
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_download)
     monkeypatch.setattr(torchvision.datasets, "MNIST", lambda **kwargs: pytest.fail("downloaded MNIST"))
-    data = utils.load_dataset(tmp_path, "fashion-mnist")
+    data = utils.load_dataset(tmp_path / "data", "fashion-mnist")
     assert asked == [True, False] and data["train"][0].shape == (256, 28, 28)
+    assert len(list((tmp_path / "data" / "FashionMNIST" / "raw").glob("*.gz"))) == 4  # moved where it is looked for
     assert utils.DATASETS["fashion-mnist"].classes[9] == "Ankle boot"

@@ -107,7 +107,7 @@ def test_active_units_count_the_dimensions_whose_mean_varies():
         last = model.encoder[-1]  # rows 0-4: mu, rows 5-9: log sigma^2
         last.weight[:2] = 0.0  # mu_0, mu_1 constant over x: inactive
         last.weight[2:5] *= 100.0  # mu_2..mu_4 vary a lot: active
-    statistics = utils.posterior_statistics(model, x)
+    statistics = utils.posterior_statistics(*model.posterior(x))
     assert statistics["active_units"] == 3
     assert statistics["posterior_mean_variance"][0] == pytest.approx(0.0, abs=1e-10)
     assert len(statistics["kl_per_dimension"]) == 5 and min(statistics["kl_per_dimension"]) >= 0
@@ -125,7 +125,7 @@ class OffsetModel(nn.Module):
 
 def test_reconstruction_errors_known_psnr():
     images = torch.rand(10, 784, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.05
-    errors = utils.reconstruction_errors(OffsetModel(), images, images)
+    errors = utils.reconstruction_errors(OffsetModel(), images, images, images)
     assert errors["mse"] == pytest.approx(0.01, rel=1e-4)
     assert errors["psnr"] == pytest.approx(20.0, rel=1e-4)
 
@@ -135,11 +135,11 @@ def test_classifier_is_trained_once_then_read_from_its_cache(tmp_path, monkeypat
     images = torch.zeros(1000, 784)
     for i, label in enumerate(labels):  # a bright column per digit: easy to learn
         images[i].view(28, 28)[:, 2 + 2 * label] = 1.0
-    path = tmp_path / "classifier.pt"
-    classifier, accuracy = utils.load_or_train_classifier(path, images, labels, images, labels)
-    assert path.is_file() and accuracy > 0.9
+    data = {"train": (images, labels), "test": (images, labels)}
+    classifier, accuracy = main.scoring_classifier("mnist", data, main.Phases())
+    assert (tmp_path / "checkpoints" / "classifier-mnist.pt").is_file() and accuracy > 0.9  # tmp_path: the cwd
     monkeypatch.setattr(utils, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
-    cached, cached_accuracy = utils.load_or_train_classifier(path, images, labels, images, labels)
+    cached, cached_accuracy = main.scoring_classifier("mnist", data, main.Phases())
     assert cached_accuracy == accuracy
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), cached.state_dict().values()))
 
@@ -188,9 +188,11 @@ def test_ssim_known_answers():
 
 
 def test_a_damaged_classifier_cache_says_to_delete_it(tmp_path):
-    path = tmp_path / "classifier-mnist.pt"
+    path = tmp_path / "checkpoints" / "classifier-mnist.pt"
+    path.parent.mkdir()
     path.write_bytes(b"not a checkpoint")
     images, labels = torch.zeros(10, 784), torch.arange(10)
+    data = {"train": (images, labels), "test": (images, labels)}
     with pytest.raises(utils.ProjectError, match="classifier-mnist.pt is not a readable checkpoint.*delete it"):
-        utils.load_or_train_classifier(path, images, labels, images, labels)
+        main.scoring_classifier("mnist", data, main.Phases())
     assert path.read_bytes() == b"not a checkpoint"  # left as it was

@@ -1,13 +1,18 @@
-"""Resume, interruption, bad checkpoints, numerical failure, unwritable folders, fuzzed IDX files."""
+"""Resume, signals in every phase, kill -9, a full disk, out of memory, two runs in one folder, bad checkpoints,
+numerical failure, unwritable folders, fuzzed IDX files."""
+import contextlib
+import errno
 import gzip
+import json
 import os
 import pickle
+import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +20,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import main
 import models
 import utils
-from conftest import COMMITTED_CLASSIFIER, FAST_SCORES, make_synthetic_mnist, run_expecting_error, write_idx
+from conftest import FAST_SCORES, ROOT, check_error_line, make_synthetic_mnist, run_expecting_error
 
-ROOT = Path(__file__).resolve().parents[1]
+QUIET = {**os.environ, "TQDM_DISABLE": "1"}
 
 
 def flags(data_dir, out, epochs, *extra):
@@ -32,10 +38,31 @@ def weights(out, kind):
     return utils.load_checkpoint(out / "checkpoints" / f"{kind}.pt")["model"]
 
 
+def start_main(argv, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, argv)], cwd=cwd, env=QUIET,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert path.exists(), process.communicate()
+
+
+def no_half_written_files(folder):
+    """Every file a run leaves reads whole: no temporary file is left, checkpoints load, JSON parses."""
+    for path in folder.rglob("*"):
+        assert not path.name.endswith(".tmp"), path
+        if path.suffix == ".pt":
+            utils.load_checkpoint(path)
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+
+
 @pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3"], ["--precision", "bf16"]],
                          ids=["default", "dynamic", "bf16"])
 def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, options):
-    import main
     main.main(flags(synthetic_mnist, tmp_path / "straight", 4, *options))
     main.main(flags(synthetic_mnist, tmp_path / "resumed", 2, *options))
     main.main(flags(synthetic_mnist, tmp_path / "resumed", 4, "--resume"))
@@ -47,43 +74,183 @@ def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, op
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_keeps_the_last_epoch_and_the_run_resumes(tmp_path, signal_number):
+def test_a_signal_in_training_keeps_the_last_epoch_says_so_and_the_run_resumes(tmp_path, signal_number):
     data_dir = make_synthetic_mnist(tmp_path / "mnist", n_train=4096, n_test=64)
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "main.py"), *flags(data_dir, out, 1000)]  # both models, side by side
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "TQDM_DISABLE": "1"})
+    process = start_main(flags(data_dir, out, 1000), tmp_path)  # both models, side by side
     checkpoint = out / "checkpoints" / "vae.pt"
-    deadline = time.monotonic() + 60
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert checkpoint.exists(), process.communicate()
+    wait_for(checkpoint, process)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"error: stopped by {signal.Signals(signal_number).name}")
-    assert "--resume" in last_line and "Traceback" not in stderr
+    printed = check_error_line(stderr)
+    assert printed.startswith(f"error: stopped by {signal.Signals(signal_number).name} while training")
+    assert "--resume" in printed
     saved_epochs = utils.load_checkpoint(checkpoint)["epoch"]
-    assert saved_epochs >= 1
-    shutil.copy(COMMITTED_CLASSIFIER, out / "checkpoints")  # its cache: not the subject here
-    resume = [sys.executable, str(ROOT / "main.py"),
-              *flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume")]
-    resumed = subprocess.run(resume,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "TQDM_DISABLE": "1"})
+    assert f"vae.pt holds epoch {saved_epochs};" in printed  # what the line claims is what the disk holds
+    resumed = subprocess.run([sys.executable, str(ROOT / "main.py"),
+                              *flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=QUIET)
     assert resumed.returncode == 0, resumed.stderr
     assert utils.load_checkpoint(checkpoint)["epoch"] == saved_epochs + 1
 
 
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(synthetic_mnist, tmp_path, capsys,
-                                                                      monkeypatch):
-    import main
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained")
+    data_dir = make_synthetic_mnist(folder / "mnist")
+    with contextlib.chdir(folder):  # its classifier cache stays in this folder
+        main.main(flags(data_dir, folder, 1))
+    return data_dir, folder
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A fresh copy of one short run's data, checkpoints and figures: each test damages its own."""
+    shutil.copytree(trained_once[1], tmp_path, dirs_exist_ok=True)
+    return tmp_path / "mnist", tmp_path
+
+
+def sends_itself(number, function):
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), number)  # the handler runs at the next bytecode, before `function` starts
+        return function(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("function, phase", [
+    ("load_dataset", "reading the data"), ("train_classifier", "training the scoring classifier"),
+    ("evaluate_loss", "scoring the losses"), ("iwae_nll", "computing the IWAE bound"),
+    ("sample_quality", "scoring samples"), ("plot_generation", "drawing the figures"),
+    ("write_latent_evolution", "drawing the GIF"),
+])
+def test_a_signal_in_any_other_phase_ends_the_run_in_one_line_and_leaves_no_half_file(trained, capsys, monkeypatch,
+                                                                                       function, phase):
+    data_dir, out = trained
+    if function == "train_classifier":
+        (out / "checkpoints" / "classifier-mnist.pt").unlink()  # the cache (this test's working folder is `out`)
+    number = signal.SIGTERM if function == "iwae_nll" else signal.SIGINT
+    monkeypatch.setattr(utils, function, sends_itself(number, getattr(utils, function)))
+    code, printed = run_expecting_error(flags(data_dir, out, 1, "--resume"), capsys)
+    assert code == 130
+    assert printed.startswith(f"error: stopped by {signal.Signals(number).name} while {phase}; ")
+    assert "vae.pt holds epoch 1" in printed and "--resume" in printed
+    no_half_written_files(out)
+    assert (out / "checkpoints" / "classifier-mnist.pt").exists() == (function != "train_classifier")
+
+
+def test_kill_9_at_any_moment_leaves_checkpoints_that_load_and_a_run_that_resumes(tmp_path):
+    data_dir = make_synthetic_mnist(tmp_path / "mnist", n_train=2048, n_test=64)
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    moments = random.Random(0)
+    for attempt in range(3):  # bigger checkpoints, so that some kills land while one is being written
+        process = start_main(flags(data_dir, out, 1000, "--hidden-dim", "400", "--resume"), tmp_path)
+        wait_for(checkpoints / "ae.pt", process)
+        time.sleep(moments.uniform(0.0, 3.0))
+        process.kill()
+        process.wait()
+        assert {path.name for path in checkpoints.iterdir() if not path.name.startswith(".")} <= {
+            "vae.pt", "ae.pt", "classifier-mnist.pt"}
+        for kind in ["vae", "ae"]:
+            if (checkpoints / f"{kind}.pt").exists():
+                assert utils.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] >= 1
+    epochs = max(utils.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] for kind in ["vae", "ae"]) + 1
+    main.main(flags(data_dir, out, epochs, "--hidden-dim", "400", "--resume"))  # the lock of the killed run is free
+    assert all(utils.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] == epochs for kind in ["vae", "ae"])
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A 4 MB tmpfs mounted for the test where it may mount one (root); elsewhere a folder whose renames fail with
+    ENOSPC once `full` is set, which is where a full disk shows in write_atomically."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    state = {"folder": folder, "mounted": mounted, "full": False}
+    if not mounted:
+        real_replace = os.replace
+
+        def replace(source, target):
+            if state["full"] and str(target).startswith(str(folder)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_replace(source, target)
+        monkeypatch.setattr(os, "replace", replace)
+    yield state
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(disk):
+    """Fill the small disk to its last byte."""
+    if disk["mounted"]:
+        with contextlib.suppress(OSError), open(disk["folder"] / "filler", "wb", buffering=0) as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+    disk["full"] = True
+
+
+def test_a_full_disk_fails_in_one_line_and_keeps_the_previous_checkpoint_and_figure(synthetic_mnist, tmp_path,
+                                                                                   small_disk, capsys):
+    out = small_disk["folder"]
+    main.main(flags(synthetic_mnist, out, 1, "--models", "vae"))
+    before = {path: path.read_bytes() for path in [out / "checkpoints" / "vae.pt", out / "figures" / "manifold.png"]}
+    fill(small_disk)
+    code, printed = run_expecting_error(flags(synthetic_mnist, out, 2, "--models", "vae", "--resume"),
+                                        capsys)
+    assert code == 1 and "cannot write" in printed and "vae.pt keeps its previous contents" in printed
+    assert "No space left on device" in printed
+    with pytest.raises(utils.ProjectError, match="manifold.png keeps its previous contents"):
+        utils.save_figure(utils.Figure(), out / "figures" / "manifold.png")
+    assert {path: path.read_bytes() for path in before} == before
+    assert utils.load_checkpoint(out / "checkpoints" / "vae.pt")["epoch"] == 1
+    assert not [path for path in out.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("argv, failing, words", [
+    (["--hidden-dim", "200000000"], None, "building the models; lower --hidden-dim (now 200000000)"),
+    ([], "sample_quality", "scoring samples; lower --quality-samples (now 500)"),
+])
+def test_out_of_memory_names_the_flag_that_asked_for_too_much(synthetic_mnist, tmp_path, capsys, monkeypatch, argv,
+                                                              failing, words):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes")
+    if failing:
+        monkeypatch.setattr(utils, failing, no_memory)
+    code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 1, *argv), capsys)
+    assert code == 1 and printed.startswith(f"error: out of memory while {words}")
+
+
+def test_a_second_run_into_a_folder_in_use_stops_and_names_the_first(synthetic_mnist, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, utils\nwith utils.FolderLock(sys.argv[1]):\n"
+                               "    print('locked', flush=True); time.sleep(120)", str(tmp_path / "checkpoints")],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 1), capsys)
+        assert code == 1 and f"is in use by another run of main.py (process {holder.pid})" in printed
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    main.main(flags(synthetic_mnist, tmp_path, 1))  # a folder left locked by a dead run is taken over
+    assert (tmp_path / "checkpoints" / "vae.pt").is_file()
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_says_what_the_disk_holds(synthetic_mnist, tmp_path, capsys,
+                                                                         monkeypatch):
+    def diverging(logits, x):
+        return (logits * float("nan")).sum()
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "bernoulli_nll", diverging)
+        code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path / "fresh", 3, "--models", "ae"), capsys)
+    assert code == 1 and "no checkpoint is saved yet" in printed and "keeps" not in printed
     main.main(flags(synthetic_mnist, tmp_path, 1, "--models", "ae"))
     before = (tmp_path / "checkpoints" / "ae.pt").read_bytes()
-    monkeypatch.setattr(models, "bernoulli_nll", lambda logits, x: (logits * float("nan")).sum())
+    monkeypatch.setattr(models, "bernoulli_nll", diverging)
     code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 3, "--models", "ae", "--resume"), capsys)
     assert code == 1 and "epoch 2 by step 2" in printed and "lower --lr" in printed
+    assert re.search(r"checkpoints/ae\.pt holds epoch 1;", printed)
     assert (tmp_path / "checkpoints" / "ae.pt").read_bytes() == before
 
 
@@ -119,22 +286,6 @@ def test_unwritable_output_folder_fails_before_training(synthetic_mnist, tmp_pat
     assert code == 1 and "cannot write to" in printed and "checkpoints" in printed
 
 
-@pytest.fixture(scope="module")
-def trained_once(tmp_path_factory):
-    import main
-    folder = tmp_path_factory.mktemp("trained")
-    data_dir = make_synthetic_mnist(folder / "mnist")
-    main.main(flags(data_dir, folder, 1))
-    return data_dir, folder
-
-
-@pytest.fixture
-def trained(trained_once, tmp_path):
-    """A fresh copy of one short run's data, checkpoints and figures: each test damages its own."""
-    shutil.copytree(trained_once[1], tmp_path, dirs_exist_ok=True)
-    return tmp_path / "mnist", tmp_path
-
-
 def damage(path, how):
     if how == "truncated":
         path.write_bytes(path.read_bytes()[:1000])
@@ -150,7 +301,7 @@ def damage(path, how):
 
 @pytest.mark.parametrize("how, words", [
     ("truncated", "not a readable checkpoint"), ("other kind", "holds the AE model, not the VAE"),
-    ("architecture", "do not fit the model"), ("not a checkpoint", "not a checkpoint of this project"),
+    ("architecture", "do not fit its own config"), ("not a checkpoint", "not a checkpoint of this project"),
 ])
 @pytest.mark.parametrize("mode", ["--eval", "--resume"])
 def test_bad_checkpoints_give_one_line_and_touch_nothing(trained, capsys, how, words, mode):
@@ -167,12 +318,13 @@ class RunsCode:
         return (os.system, ("echo pwned > pwned.txt",))
 
 
-def test_a_checkpoint_carrying_code_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "vae.pt"
+def test_a_checkpoint_carrying_code_is_refused_with_why_and_no_unsafe_advice(synthetic_mnist, tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    path = tmp_path / "checkpoints" / "vae.pt"
     path.write_bytes(pickle.dumps({"config": {}, "model": RunsCode(), "history": []}, protocol=2))
-    with pytest.raises(utils.ProjectError, match="not a readable checkpoint"):
-        utils.load_checkpoint(path)
+    code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 1, "--eval"), capsys)
+    assert code == 1 and "was refused: loading it would call" in printed and "system" in printed
+    assert "weights_only" not in printed and "False" not in printed
     assert not (tmp_path / "pwned.txt").exists()
 
 
