@@ -760,8 +760,9 @@ def write_latent_evolution(histories, axes_of, labels, dataset, path, *, seconds
         return
     points = {name: {r["epoch"]: (r["codes"].float() @ axes_of[name].float().cpu()).numpy()
                      for r in history if "codes" in r} for name, history in histories.items()}
-    figure, canvas, scatters, title = evolution_figure(points, epochs[-1], labels.cpu().numpy(),
-                                                       dataset)
+    latent_dims = {name: len(axes) for name, axes in axes_of.items()}
+    figure, canvas, scatters, title = evolution_figure(points, latent_dims, epochs[-1],
+                                                       labels.cpu().numpy(), dataset)
     background = canvas.copy_from_bbox(figure.bbox)
     frames, palette = [], None
     for epoch in epochs:
@@ -781,7 +782,7 @@ def write_latent_evolution(histories, axes_of, labels, dataset, path, *, seconds
         loop=0))
 
 
-def evolution_figure(points, last_epoch, labels, dataset):
+def evolution_figure(points, latent_dims, last_epoch, labels, dataset):
     """The GIF's figure, drawn once without its points and title: (figure, canvas, {name:
     scatter}, title). Each panel's limits fit the last epoch's points."""
     figure = Figure(figsize=(4.6 * len(points) + 1.6, 4.8), dpi=80, layout="constrained")
@@ -791,7 +792,7 @@ def evolution_figure(points, last_epoch, labels, dataset):
     for ax, (name, by_epoch) in zip(axes, points.items()):
         last = by_epoch[last_epoch]
         scatters[name] = draw_codes(ax, last, labels, title=name,
-                                    axis_labels=axis_names(last.shape[1]))
+                                    axis_labels=axis_names(latent_dims[name]))
         limit = 1.15 * max(3.5, float(np.quantile(np.abs(last), 0.998)))
         ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal")
     class_colorbar(figure, scatters[name], axes, dataset)
