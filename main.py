@@ -11,22 +11,22 @@ import time
 
 STARTED = time.perf_counter()  # before the imports below, so that the table of phases shows them
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from functools import partial  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import json
+import math
+import signal
+import sys
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-import utils  # noqa: E402
-from models import ModelConfig, build_model  # noqa: E402
+import utils
+from models import ModelConfig, build_model
 
 IMPORT_SECONDS = time.perf_counter() - STARTED
 MODEL_NAMES = {"vae": "VAE", "ae": "AE"}

@@ -10,7 +10,7 @@ import main
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+REAL_MNIST = ROOT / "data"  # the committed MNIST, in torchvision's MNIST/raw layout
 COMMITTED_CLASSIFIER = ROOT / "checkpoints" / "classifier-mnist.pt"
 FAST_SCORES = ["--quality-samples", "500", "--nll-samples", "10"]  # the defaults take seconds a call on a CPU
 

@@ -19,8 +19,9 @@ def flags(data_dir, out, *extra):
 
 def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_path, committed_classifier, capsys,
                                                                           monkeypatch):
-    """One short epoch on the real MNIST when ../shared has it (synthetic IDX files otherwise)."""
-    data_dir = REAL_MNIST if REAL_MNIST.is_dir() else make_synthetic_mnist(tmp_path / "mnist")
+    """One short epoch on the real, committed MNIST (synthetic IDX files if it was removed)."""
+    real = (REAL_MNIST / "MNIST" / "raw").is_dir()
+    data_dir = REAL_MNIST if real else make_synthetic_mnist(tmp_path / "mnist")
     if data_dir == REAL_MNIST:  # the committed classifier is cached for MNIST: no run may train another
         monkeypatch.setattr(utils, "train_classifier", lambda *a, **k: pytest.fail("trained a second classifier"))
     trained = main.main(flags(data_dir, tmp_path / "run"))
