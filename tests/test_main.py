@@ -67,23 +67,26 @@ def test_same_seed_gives_identical_weights(synthetic_mnist, tmp_path):
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
-@pytest.mark.parametrize("kind, precision", [("vae", "fp32"), ("ae", "fp32"), ("vae", "bf16")])
-def test_a_model_trains_beside_the_other_as_alone_on_the_same_threads(synthetic_mnist, tmp_path, kind, precision):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_model_trains_beside_the_other_as_alone_on_the_same_threads(synthetic_mnist, tmp_path, precision):
     # Side by side, each model gets half of torch's threads. Alone with that many threads its arithmetic is the same,
     # so its weights must be too: a model drawing from a generator the other also draws from would break this.
     # (With other thread counts matmuls sum in another order: same seed, close but not equal weights.)
     options = ["--hidden-dim", "16", "--binarize", "dynamic", "--epochs", "2", "--precision", precision]
     main.main(flags(synthetic_mnist, tmp_path / "both", *options))
+    kinds = ["vae", "ae"] if precision == "fp32" else ["vae"]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // 2))
     try:
-        main.main(flags(synthetic_mnist, tmp_path / kind, *options, "--models", kind))
+        for kind in kinds:
+            main.main(flags(synthetic_mnist, tmp_path / kind, *options, "--models", kind))
     finally:
         torch.set_num_threads(threads)
-    both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / f"{kind}.pt")
-    alone = utils.load_checkpoint(tmp_path / kind / "checkpoints" / f"{kind}.pt")
-    assert all(torch.equal(both["model"][name], alone["model"][name]) for name in both["model"])
-    assert [record["test"] for record in both["history"]] == [record["test"] for record in alone["history"]]
+    for kind in kinds:
+        both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / f"{kind}.pt")
+        alone = utils.load_checkpoint(tmp_path / kind / "checkpoints" / f"{kind}.pt")
+        assert all(torch.equal(both["model"][name], alone["model"][name]) for name in both["model"]), kind
+        assert [record["test"] for record in both["history"]] == [record["test"] for record in alone["history"]]
 
 
 @pytest.mark.parametrize("kind", ["vae", "ae"])
