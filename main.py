@@ -450,7 +450,8 @@ def report(checkpoints, data, dataset, run_args, phases):
         samplers = make_samplers(models, data["train"][0])
         metrics["samples"] = score_samples(samplers, classifier, test_images,
                                            run_args.quality_samples)
-    utils.save_json(Path(run_args.figure_dir) / "metrics.json", {**metrics, "notes": METRICS_NOTES})
+    utils.save_json(Path(run_args.figure_dir) / "metrics.json",
+                    {**metrics, "notes": utils.METRICS_NOTES})
     histories = {MODEL_NAMES[kind]: checkpoints[kind]["history"] for kind in checkpoints}
     draw_figures(models, codes, samplers, histories, metrics, data, dataset, run_args.figure_dir,
                  phases)
@@ -554,7 +555,7 @@ def print_summary(metrics, run_args):
 
 def write_study(args, results):
     """The latent-size study: the scores of each latent size, as a table, a figure and JSON."""
-    study = {str(size): study_row(metrics) for size, metrics in results.items()}
+    study = {str(size): utils.study_row(metrics) for size, metrics in results.items()}
     utils.save_json(Path(args.figure_dir) / "latent_study.json", study)
     utils.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
     print(utils.latent_study_table(study))
@@ -562,33 +563,6 @@ def write_study(args, results):
     return study
 
 
-def study_row(metrics):
-    """The numbers the latent-size study compares, for each model of one run."""
-    row = {}
-    for kind in MODEL_NAMES:
-        if kind in metrics:
-            row[kind] = {**metrics[kind]["reconstruction"],
-                         "test_loss": metrics[kind]["test"]["loss"]}
-            if "test_nll_iwae" in metrics[kind]:
-                row[kind]["test_nll_iwae"] = metrics[kind]["test_nll_iwae"]["nats"]
-    return row
-
-
-METRICS_NOTES = (
-    "Losses are per image in nats: the VAE's is the negative ELBO with one z per image (from a "
-    "fixed seed), the AE's its BCE; targets are grey pixels as Bernoulli targets unless 'binarize' "
-    "says otherwise (then the test set is one fixed Bernoulli sample). test_nll_iwae: importance-"
-    "weighted estimate of -log p(x) with that many samples. reconstruction: decoded code (VAE: "
-    "posterior mean) against the test image; mse per pixel, psnr in dB (peak 1) and ssim (11x11 "
-    "Gaussian window) against grey pixels. samples: decoded samples scored by the project's "
-    "classifier of the dataset's ten classes (frechet_distance of its 128-D features to the test "
-    "set's; share classified with confidence > 0.9; entropy of the predicted-class histogram in "
-    "bits, 3.32 when all ten are equally common). latent: leave-one-out 5-nearest-neighbour class "
-    "accuracy on test codes (VAE: posterior means); aggregate_codes: test codes (VAE: z sampled "
-    "from q(z|x)) per-dimension mean and std, and the KL from a Gaussian fitted to them to "
-    "N(0, I). posterior: active units (Cov over the test set of the posterior mean > 0.01) and KL "
-    "per dimension."
-)
 
 
 # ----------------------------------------------------------------------------------------- helpers
