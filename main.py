@@ -436,7 +436,7 @@ def report(checkpoints, data, dataset, run_args, phases):
     print(f"scoring {' and '.join(models)}: losses, codes, reconstructions, "
           f"{f'the IWAE bound ({nll_samples} samples), ' if 'VAE' in models else ''}samples ...")
     metrics = {"dataset": dataset, "quality_samples": run_args.quality_samples, "classifier": {
-        "file": str(CLASSIFIER_DIR / f"classifier-{dataset}.pt"), "test_accuracy": accuracy}}
+        "file": str(classifier_path(dataset)), "test_accuracy": accuracy}}
     codes = {}
     for kind, checkpoint in checkpoints.items():
         name = MODEL_NAMES[kind]
@@ -460,7 +460,7 @@ def report(checkpoints, data, dataset, run_args, phases):
 
 def scoring_classifier(dataset, data, phases):
     """The CNN that scores samples: trained once per dataset and cached in CLASSIFIER_DIR."""
-    path = CLASSIFIER_DIR / f"classifier-{dataset}.pt"
+    path = classifier_path(dataset)
     if path.exists():
         return utils.load_classifier(path, data["train"][0].device)
     print(f"training the classifier that scores samples (once for {utils.DATASETS[dataset].title};"
@@ -470,6 +470,10 @@ def scoring_classifier(dataset, data, phases):
     utils.save_classifier(path, classifier, accuracy)
     print(f"scoring classifier: {100 * accuracy:.2f}% test accuracy")
     return classifier, accuracy
+
+
+def classifier_path(dataset):
+    return CLASSIFIER_DIR / f"classifier-{dataset}.pt"
 
 
 def score_model(model, checkpoint, data, phases):

@@ -117,9 +117,8 @@ def download(folder, dataset):
                 getattr(torchvision.datasets, info.torchvision_class)(root=staging, train=train,
                                                                       download=True)
         except Exception as error:  # RuntimeError, URLError or OSError, by what failed
-            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else \
-                type(error).__name__
-            raise ProjectError(f"could not download {info.title} into {folder}/ ({reason}); "
+            raise ProjectError(f"could not download {info.title} into {folder}/ "
+                               f"({first_line(error, 120)}); "
                                "offline, pass --data-dir FOLDER holding the four IDX files "
                                "(train-images-idx3-ubyte[.gz], ...)") from None
         target = Path(folder) / info.torchvision_class / "raw"
@@ -211,6 +210,12 @@ def check_bf16(device):
               "bf16 emulates them and will likely train slower than fp32")
 
 
+def first_line(error, limit):
+    """The start of an exception's message, for a one-line error; its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def is_out_of_memory(error):
     """Whether `error` is a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's."""
     text = str(error)
@@ -261,9 +266,8 @@ def load_checkpoint(path, *, fix="retrain or restore it"):
         if code:  # a pickle that would import and call something while it is loaded
             raise ProjectError(f"{path} was refused: loading it would call {code.group(1)}, and "
                                f"only tensors and plain data are loaded; {fix}") from None
-        reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else \
-            type(error).__name__
-        raise ProjectError(f"{path} is not a readable checkpoint ({reason}); {fix}") from None
+        raise ProjectError(f"{path} is not a readable checkpoint ({first_line(error, 80)}); "
+                           f"{fix}") from None
     if not isinstance(checkpoint, dict) or not {"config", "model", "history"} <= checkpoint.keys():
         raise ProjectError(f"{path} is not a checkpoint of this project; {fix}")
     return checkpoint
