@@ -11,7 +11,9 @@ On the CPU it also times (a) for both models side by side, as main.py trains the
 sums of their (b) and (c). Peak memory: on CUDA, allocated tensors; on the CPU, the process's
 resident set (Python, torch and the data included), and in "epoch adds" what an epoch took beyond
 what was resident when it began. The methods are interleaved and each reported as the median of
---repeats epochs, since shared machines drift.
+--repeats epochs, since shared machines drift. All run in one process, with main.py's device
+set-up (utils.pick_device, which flushes denormal numbers to zero): (b) here is the tutorial's
+code under that mode, not the tutorial's process; time that with its own script.
 
     python benchmark.py
     python benchmark.py --precision bf16

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     if args.eval and args.resume:
         parser.error("--eval and --resume exclude each other: --eval trains nothing")
     try:
-        utils.pick_device(args.device)  # before any data is read
+        utils.pick_device(args.device)  # before any data is read or torch starts its threads
     except utils.ProjectError as error:
         parser.error(f"argument --device: {error}")
     args.argv = [word for word in argv if word != "--resume"]  # for the command that resumes it
