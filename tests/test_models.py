@@ -114,6 +114,23 @@ def test_bernoulli_nll_matches_torch_on_extreme_logits():
     assert torch.allclose(logits.grad, (torch.sigmoid(logits) - x) / 8, atol=1e-7)
 
 
+def test_bernoulli_nll_per_image_has_exact_gradients_when_x_broadcasts():
+    # the IWAE's shapes: logits (K, B, pixels), images (B, pixels); the gradient is hand-written
+    from models import bernoulli_nll_per_image
+
+    logits = (8 * torch.randn(3, 2, 5, dtype=torch.float64)).requires_grad_()
+    x = torch.rand(2, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda l: bernoulli_nll_per_image(l, x), (logits,))
+
+
+def test_gradients_reach_every_parameter_through_the_iwae_bound():
+    model = tiny("vae")
+    log_weights = model.log_importance_weights(torch.rand(4, 784), 3)  # (K, B)
+    torch.logsumexp(log_weights, dim=0).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
 def test_one_hidden_layer_keeps_the_parameter_names_of_earlier_checkpoints():
     names = set(tiny("vae").state_dict())
     assert names == {f"{part}.{index}.{tensor}" for part in ("encoder", "decoder") for index in (0, 2)
