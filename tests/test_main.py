@@ -253,3 +253,18 @@ def test_benchmark_times_every_method_and_prints_the_ratios(synthetic_mnist, cap
     assert sum("(a) side by side" in row for row in rows) == 1
     ratios = [line for line in rows if "(b)/(a) = " in line and "(a)/(c) = " in line]
     assert len(ratios) == 3, printed
+
+
+def test_the_readme_line_links_point_into_the_code_they_name():
+    import re
+
+    links = re.findall(r"\[`([\w.]+)`\]\((\w+\.py)#L(\d+)-L(\d+)\)", (ROOT / "README.md").read_text())
+    assert len(links) >= 7
+    for name, file, first, last in links:
+        lines = (ROOT / file).read_text().splitlines()
+        definitions = [re.match(r"\s*def (\w+)\(", line) for line in lines[:int(first)]]
+        enclosing = [match[1] for match in definitions if match][-1]  # the last def at or above L{first}
+        opening, closing = lines[int(first) - 1].strip(), lines[int(last) - 1].strip()
+        assert enclosing == name.split(".")[-1], f"{name}: {file}#L{first}-L{last}"
+        # the range opens at the def (or at a comment inside it) and ends on code, not a blank line
+        assert opening.startswith(("def ", "#")) and closing, f"{name}: {file}#L{first}-L{last}"
