@@ -53,7 +53,7 @@ def side_by_side_epoch(kinds, train_images, batch_size, device, precision):
     """(a) for all `kinds` at once, each model in a thread, as main.train_models trains them."""
     epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position)
               for position, kind in enumerate(kinds)}
-    return lambda: main.side_by_side(epochs)
+    return lambda: utils.side_by_side(epochs)
 
 
 def stage_for_torchvision(data_dir, folder):
@@ -169,10 +169,10 @@ def reset_peak_memory(device):
 
 
 def timed(run, device):
-    main.sync(device)
+    utils.sync(device)
     start = time.perf_counter()
     run()
-    main.sync(device)
+    utils.sync(device)
     return time.perf_counter() - start
 
 

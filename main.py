@@ -4,8 +4,9 @@
     python main.py --eval     # rebuild every figure and figures/metrics.json from checkpoints/
     python main.py --help     # the flags, in groups
 
-Read it top to bottom: the flags; main() and run(); training (train_models, start_training, fit,
-train_epoch); scoring (report, score_model, score_samples, draw_figures); then the helpers.
+Read it top to bottom: the flags; main() and run(); training (train_models, fit, train_epoch: the
+textbook loop); the report (scores from metrics.py, pictures from plots.py); then the helpers.
+The models and their losses are in models.py; files, devices and signals in utils.py.
 """
 import time
 
@@ -16,9 +17,7 @@ import contextlib
 import gc
 import json
 import math
-import signal
 import sys
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -26,12 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import metrics
+import plots
 import utils
 from models import ModelConfig, build_model
 
 IMPORT_SECONDS = time.perf_counter() - STARTED
 MODEL_NAMES = {"vae": "VAE", "ae": "AE"}
-CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
 DEFAULT_NLL_SAMPLES = 100
 EVOLUTION_IMAGES = 1000  # test images whose codes each epoch keeps, for latent_evolution.gif
 MEMORY_FLAGS = {  # the flags that size what a phase allocates, named when it runs out of memory
@@ -169,36 +169,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def main(argv=None):
     args = parse_args(argv)
+    phases = utils.Phases(IMPORT_SECONDS)
     try:
-        return run(args)
+        with utils.StopRequest() as stop, one_line_errors(args, phases):
+            results = run(args, phases, stop)
     except utils.ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-
-
-def run(args):
-    """Everything after the flags. A signal or a failed allocation, in any phase, ends the run
-    with one line that names the phase."""
-    phases = Phases()
-    with StopRequest() as stop:
-        try:
-            results = run_phases(args, phases, stop)
-        except Stopped as stopped:
-            message = stop_message(stopped.signal_name, phases.current, args)
-            raise utils.ProjectError(message, exit_code=130) from None
-        except (MemoryError, RuntimeError) as error:
-            if not utils.is_out_of_memory(error):
-                raise
-            flags = MEMORY_FLAGS.get(phases.current, ["hidden_dim", "batch_size"])
-            named = " or ".join(f"--{flag.replace('_', '-')} (now {getattr(args, flag)})"
-                                for flag in flags)
-            message = f"out of memory while {phases.current}; lower {named}"
-            raise utils.ProjectError(message) from None
     print(phases.table())
     return results
 
 
-def run_phases(args, phases, stop):
+def run(args, phases, stop):
+    """Check the checkpoints, read the data, then for each run folder: train (unless --eval),
+    score and draw. Returns the metrics (with --latent-study, the study's table)."""
     runs = run_folders(args)
     with phases("loading the checkpoints"):  # a missing or bad one fails before the data is read
         saved = [saved_checkpoints(run_args) for run_args in runs]
@@ -209,24 +193,19 @@ def run_phases(args, phases, stop):
         utils.check_bf16(device)
     with phases("reading the data"):
         data = load_data(args.data_dir, dataset, device)
+    results = {}
     with contextlib.ExitStack() as locks:
         for folder in written_folders(runs, args.eval):
             locks.enter_context(utils.FolderLock(folder))
-        results = {run_args.latent_dim: train_and_score(run_args, checkpoints, data, dataset,
-                                                        device, phases, stop)
-                   for run_args, checkpoints in zip(runs, saved)}
+        for run_args, checkpoints in zip(runs, saved):
+            if not run_args.eval:
+                checkpoints = train_models(run_args, checkpoints, data, device, phases, stop)
+            results[run_args.latent_dim] = report(checkpoints, data, dataset, run_args, phases)
+            print_summary(results[run_args.latent_dim], run_args)
         if not args.latent_study:
             return results[args.latent_dim]
         with phases("drawing the figures"):
             return write_study(args, results)
-
-
-def train_and_score(run_args, checkpoints, data, dataset, device, phases, stop):
-    if not run_args.eval:
-        checkpoints = train_models(run_args, checkpoints, data, device, phases, stop)
-    metrics = report(checkpoints, data, dataset, run_args, phases)
-    print_summary(metrics, run_args)
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -259,7 +238,7 @@ def train_models(args, checkpoints, data, device, phases, stop):
     with phases("training"), stop.polled():
         if device.type != "cpu" or len(jobs) == 1 or torch.get_num_threads() < 2:
             return {kind: job() for kind, job in jobs.items()}
-        return side_by_side(jobs, stop)
+        return utils.side_by_side(jobs, stop)
 
 
 def start_training(kind, args, checkpoint, device):
@@ -318,7 +297,7 @@ def fit(trainee, args, data, stop, bar_position=None):
                 f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step} "
                 f"(lr {lr:g}); {utils.saved_epochs([trainee.path])}; try a lower --lr") from None
         if train_parts is None:
-            raise Stopped(stop.signal_name)
+            raise utils.Stopped(stop.signal_name)
         trainee.history.append(epoch_record(trainee.model, epoch, train_parts, test_targets,
                                             data["test"][0], started))
         trainee.checkpoint = checkpoint_of(trainee, args.epochs, test_targets.device)
@@ -327,14 +306,92 @@ def fit(trainee, args, data, stop, bar_position=None):
     return trainee.checkpoint
 
 
+def train_epoch(model, optimizer, images, *, batch_size, shuffle, noise=None, binarize="none",
+                kl_warmup=(1.0, 1.0), precision="fp32", stop=None, description="",
+                bar_position=None):
+    """One pass over `images` (N, 784) in a random order; returns the mean loss parts per image
+    and their sum as "loss" (the VAE's negative ELBO, whatever KL weight it trains with).
+
+    binarize "dynamic" samples each pixel of each batch as a Bernoulli of its grey value.
+    kl_warmup: the share of the KL weight at the start and the end of the epoch, raised per step.
+    noise: the model's own generator. precision "bf16": the forward pass under bfloat16 autocast.
+    Raises NonFiniteLoss if the loss is NaN or infinite; returns None once `stop` is requested.
+    """
+    model.train()
+    losses = EpochLosses(len(images), batch_size, description, bar_position)
+    kl_weights = kl_weight_per_step(kl_warmup, losses.steps)
+    for batch, kl_weight in zip(shuffled_batches(images, batch_size, shuffle), kl_weights):
+        if binarize == "dynamic":
+            batch = torch.bernoulli(batch, generator=noise)  # each pixel a fresh 0 or 1
+        with autocast(precision, images.device):
+            loss, parts = model(batch, kl_warmup=kl_weight, noise=noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.add(parts, len(batch))
+        if stop is not None and stop.signal_name:
+            return losses.close()
+    return losses.means()
+
+
+def shuffled_batches(images, batch_size, shuffle):
+    """`images` in an order drawn from the generator `shuffle`, `batch_size` rows at a time."""
+    order = torch.randperm(len(images), generator=shuffle, device=images.device)
+    return (images[order[start:start + batch_size]] for start in range(0, len(images), batch_size))
+
+
+def kl_weight_per_step(kl_warmup, steps):
+    """The KL weight of each step of an epoch: from kl_warmup[0] to kl_warmup[1], linearly."""
+    start, end = kl_warmup
+    return [start + (end - start) * step / steps for step in range(1, steps + 1)]
+
+
+def autocast(precision, device):
+    """bf16: the forward pass under bfloat16 autocast; fp32: nothing. A new one each step: it
+    keeps its bfloat16 weights until it exits, so one around the epoch would train every step on
+    the first step's weights (tried: the loss diverges)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
+class EpochLosses:
+    """The sums of an epoch's loss parts, shown on a progress bar (in terminals only). Every 50
+    steps and at the last it reads the loss, which waits for the device, and raises
+    NonFiniteLoss when it is NaN or infinite."""
+
+    def __init__(self, num_images, batch_size, description, bar_position):
+        self.num_images, self.steps = num_images, math.ceil(num_images / batch_size)
+        self.totals, self.seen, self.step = {}, 0, 0
+        self.progress = tqdm(total=self.steps, desc=description, leave=False, mininterval=0.5,
+                             position=bar_position, disable=None)
+
+    def add(self, parts, batch_size):
+        for name, value in parts.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value * batch_size
+        self.seen, self.step = self.seen + batch_size, self.step + 1
+        self.progress.update()
+        if self.step % 50 == 0 or self.seen == self.num_images:
+            running_loss = sum(self.totals.values()).item() / self.seen
+            if not math.isfinite(running_loss):
+                raise NonFiniteLoss(self.step)
+            self.progress.set_postfix(loss=f"{running_loss:.2f}")
+
+    def close(self):
+        self.progress.close()
+
+    def means(self):
+        self.close()
+        means = {name: (total / self.seen).item() for name, total in self.totals.items()}
+        return {"loss": sum(means.values()), **means}
+
+
 def epoch_record(model, epoch, train_parts, test_targets, test_images, started):
     """What the history keeps of an epoch: its losses, its seconds and, for the GIF, the codes
     of the first test images. The test loss is the one the report gives for these weights."""
-    sync(test_targets.device)
+    utils.sync(test_targets.device)
     record = {"epoch": epoch, "train": train_parts, "train_seconds": time.perf_counter() - started,
-              "test": utils.evaluate_loss(model, test_targets)}
+              "test": metrics.evaluate_loss(model, test_targets)}
     if epoch <= 30 or epoch % 10 == 0:
-        record["codes"] = utils.encode(model, test_images[:EVOLUTION_IMAGES])[0].half().cpu()
+        record["codes"] = metrics.encode(model, test_images[:EVOLUTION_IMAGES])[0].half().cpu()
     return {**record, "epoch_seconds": time.perf_counter() - started}
 
 
@@ -359,76 +416,13 @@ def print_epoch(name, record, epochs):
                f"test {test['loss']:.2f} ({parts})  {record['epoch_seconds']:.1f}s")
 
 
-def train_epoch(model, optimizer, images, *, batch_size, shuffle, noise=None, binarize="none",
-                kl_warmup=(1.0, 1.0), precision="fp32", stop=None, description="",
-                bar_position=None):
-    """One pass over `images` (N, 784) in a random order; returns the mean loss parts per image
-    and their sum as "loss" (the VAE's negative ELBO, whatever KL weight it trains with).
-
-    binarize "dynamic" samples each pixel of each batch as a Bernoulli of its grey value.
-    kl_warmup: the share of the KL weight at the start and the end of the epoch, raised per step.
-    noise: the model's own generator. precision "bf16": the forward pass under bfloat16 autocast.
-    Raises NonFiniteLoss if the loss is NaN or infinite; returns None once `stop` is requested.
-    """
-    model.train()
-    order = torch.randperm(len(images), generator=shuffle, device=images.device)
-    totals, seen, steps = {}, 0, math.ceil(len(images) / batch_size)
-    progress = tqdm(range(0, len(images), batch_size), desc=description, leave=False,
-                    mininterval=0.5, position=bar_position, disable=None)  # a bar in terminals only
-    for step, start in enumerate(progress, start=1):
-        batch = images[order[start:start + batch_size]]  # (B, 784)
-        if binarize == "dynamic":
-            batch = torch.bernoulli(batch, generator=noise)
-        warmup = kl_warmup[0] + (kl_warmup[1] - kl_warmup[0]) * step / steps
-        # a new autocast each step: it keeps its bfloat16 weights until it exits, so one around
-        # the epoch would train every step on the first step's weights (tried: the loss diverges)
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=precision == "bf16"):
-            loss, parts = model(batch, kl_warmup=warmup, noise=noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for name, value in parts.items():
-            totals[name] = totals.get(name, 0.0) + value * len(batch)
-        seen += len(batch)
-        if step % 50 == 0 or seen == len(images):  # reading the loss waits for the device
-            running_loss = sum(totals.values()).item() / seen
-            if not math.isfinite(running_loss):
-                raise NonFiniteLoss(step)
-            progress.set_postfix(loss=f"{running_loss:.2f}")
-        if stop is not None and stop.signal_name:
-            progress.close()
-            return None
-    means = {name: (total / seen).item() for name, total in totals.items()}
-    return {"loss": sum(means.values()), **means}
-
-
-def side_by_side(jobs, stop=None):
-    """Run the callables `jobs` ({name: job}) at once, each in a thread with its share of torch's
-    CPU threads; return {name: result}. If one fails, `stop` asks the others to end after their
-    current step, and its error is raised."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(jobs)))
-    try:
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = {name: pool.submit(job) for name, job in jobs.items()}
-            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
-            failed = [future for future in done if future.exception() is not None]
-            if failed:
-                if stop is not None:
-                    stop.request("the other model's failure")
-                raise failed[0].exception()
-            return {name: future.result() for name, future in futures.items()}
-    finally:
-        torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------------------------------- scoring
+# ------------------------------------------------------------------------------------- the report
 
 def report(checkpoints, data, dataset, run_args, phases):
-    """Rebuild each model from its checkpoint, score it, write metrics.json and every figure;
-    return the metrics."""
-    test_images = data["test"][0]
-    classifier, accuracy = scoring_classifier(dataset, data, phases)
+    """Rebuild each model from its checkpoint, score it (metrics.py), write metrics.json and
+    every figure (plots.py); return the metrics."""
+    (train_images, _), (test_images, _) = data["train"], data["test"]
+    classifier, accuracy = metrics.scoring_classifier(dataset, data, phases)
     with phases("loading the checkpoints"):
         models = {MODEL_NAMES[kind]: restore_model(checkpoint, kind, run_args.checkpoint_dir,
                                                    test_images.device)[1]
@@ -436,138 +430,65 @@ def report(checkpoints, data, dataset, run_args, phases):
     nll_samples = nll_samples_for(run_args)
     print(f"scoring {' and '.join(models)}: losses, codes, reconstructions, "
           f"{f'the IWAE bound ({nll_samples} samples), ' if 'VAE' in models else ''}samples ...")
-    metrics = {"dataset": dataset, "quality_samples": run_args.quality_samples, "classifier": {
-        "file": str(classifier_path(dataset)), "test_accuracy": accuracy}}
+    scores = {"dataset": dataset, "quality_samples": run_args.quality_samples, "classifier": {
+        "file": str(metrics.classifier_path(dataset)), "test_accuracy": accuracy}}
     codes = {}
     for kind, checkpoint in checkpoints.items():
-        name = MODEL_NAMES[kind]
-        metrics[kind], codes[name] = score_model(models[name], checkpoint, data, phases)
+        name, binarize = MODEL_NAMES[kind], stored_flags(checkpoint)["binarize"]
+        model_scores, codes[name] = metrics.score_model(models[name], binarize, data, phases)
+        scores[kind] = {**model_scores, "binarize": binarize,
+                        **training_record(checkpoint, len(train_images))}
     if "vae" in checkpoints:
         with phases("computing the IWAE bound"):
-            targets = utils.binarized(test_images, metrics["vae"]["binarize"], "test")
-            nats = utils.iwae_nll(models["VAE"], targets, nll_samples, progress=True)
-            metrics["vae"]["test_nll_iwae"] = {"nats": nats, "samples": nll_samples}
+            targets = utils.binarized(test_images, scores["vae"]["binarize"], "test")
+            nats = metrics.iwae_nll(models["VAE"], targets, nll_samples, progress=True)
+            scores["vae"]["test_nll_iwae"] = {"nats": nats, "samples": nll_samples}
     with phases("scoring samples"):
-        samplers = make_samplers(models, data["train"][0])
-        metrics["samples"] = score_samples(samplers, classifier, test_images,
-                                           run_args.quality_samples)
+        samplers = metrics.make_samplers(models, train_images)
+        scores["samples"] = metrics.score_samples(samplers, classifier, test_images,
+                                                  run_args.quality_samples)
     utils.save_json(Path(run_args.figure_dir) / "metrics.json",
-                    {**metrics, "notes": utils.METRICS_NOTES})
+                    {**scores, "notes": metrics.METRICS_NOTES})
     histories = {MODEL_NAMES[kind]: checkpoints[kind]["history"] for kind in checkpoints}
-    draw_figures(models, codes, samplers, histories, metrics, data, dataset, run_args.figure_dir,
-                 phases)
-    return metrics
-
-
-def scoring_classifier(dataset, data, phases):
-    """The CNN that scores samples: trained once per dataset and cached in CLASSIFIER_DIR."""
-    path = classifier_path(dataset)
-    if path.exists():
-        return utils.load_classifier(path, data["train"][0].device)
-    print(f"training the classifier that scores samples (once for {utils.DATASETS[dataset].title};"
-          f" cached in {path}) ...")
-    with phases("training the scoring classifier"):
-        classifier, accuracy = utils.train_classifier(*data["train"], *data["test"])
-    utils.save_classifier(path, classifier, accuracy)
-    print(f"scoring classifier: {100 * accuracy:.2f}% test accuracy")
-    return classifier, accuracy
-
-
-def classifier_path(dataset):
-    return CLASSIFIER_DIR / f"classifier-{dataset}.pt"
-
-
-def score_model(model, checkpoint, data, phases):
-    """One model's losses, reconstructions, latent statistics and training record; returns them
-    with its test codes (VAE: posterior means), which the figures reuse."""
-    (train_images, _), (test_images, test_labels) = data["train"], data["test"]
-    binarize = stored_flags(checkpoint)["binarize"]
-    test_targets = utils.binarized(test_images, binarize, "test")
-    with phases("scoring the losses"):
-        # the training set is scored on one fixed binarization when training resampled it
-        train_targets = utils.binarized(train_images, "static" if binarize == "dynamic"
-                                        else binarize, "train")
-        scores = {"test": utils.evaluate_loss(model, test_targets),
-                  "train": utils.evaluate_loss(model, train_targets)}
-    with phases("scoring codes and reconstructions"):
-        codes, logvar = utils.encode(model, test_images)  # (N, D) each; logvar None for the AE
-        scores["reconstruction"] = utils.reconstruction_errors(model, codes, test_images,
-                                                               test_targets)
-        aggregate = codes if logvar is None else utils.sample_codes(codes, logvar)  # z ~ q(z|x)
-        scores["latent"] = {"knn5_accuracy": utils.knn_accuracy(codes, test_labels),
-                            "aggregate_codes": utils.code_statistics(aggregate)}
-        if logvar is not None:
-            scores["posterior"] = utils.posterior_statistics(codes, logvar)
-    return {**scores, "binarize": binarize, **training_record(checkpoint, len(train_images))}, codes
-
-
-def make_samplers(models, train_images):
-    """{label: (model, Gaussian)}: each model decodes z ~ N(0, I), the VAE's prior; the AE also
-    decodes z from a Gaussian fitted to its own training codes, its fair chance."""
-    device = train_images.device
-    samplers = {f"{name}, z ~ N(0, I)": (model, utils.Gaussian.standard(model.latent_dim, device))
-                for name, model in models.items()}
-    if "AE" in models:
-        fitted = utils.Gaussian.fitted(utils.encode(models["AE"], train_images)[0])
-        samplers["AE, z ~ Gaussian fitted to its training codes"] = (models["AE"], fitted)
-    return samplers
-
-
-def score_samples(samplers, classifier, test_images, count):
-    """Frechet distance, confident share and class entropy of `count` samples of each sampler."""
-    reference, _ = utils.classify(classifier, test_images)
-    scores = {}
-    for label, (model, gaussian) in samplers.items():
-        samples = utils.decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
-        scores[label] = utils.sample_quality(classifier, samples, reference)
+    plots.draw_figures(models, codes, samplers, histories, scores, data, dataset,
+                       run_args.figure_dir, phases)
     return scores
 
 
-def draw_figures(models, codes, samplers, histories, metrics, data, dataset, figure_dir, phases):
-    info, folder = utils.DATASETS[dataset], Path(figure_dir)
-    images, labels = data["test"]
-    axes = {name: utils.principal_axes(model_codes) for name, model_codes in codes.items()}
-    with phases("drawing the figures"):
-        utils.plot_generation(samplers, folder / "generation.png")
-        utils.plot_interpolation(models, codes, images, labels, info, folder / "interpolation.png")
-        utils.plot_latent_scatter(codes, axes, labels, info, folder / "latent_scatter.png")
-        utils.plot_reconstruction(models, codes, images, info, folder / "reconstruction.png")
-        utils.plot_loss_curves(histories, folder / "loss_curves.png")
-        if "VAE" in models:
-            variances = metrics["vae"]["posterior"]["posterior_mean_variance"]
-            utils.plot_manifold(models["VAE"], variances, folder / "manifold.png")
-    with phases("drawing the GIF"):  # on the scatter's axes, so both show the same orientation
-        utils.write_latent_evolution(histories, axes, labels[:EVOLUTION_IMAGES], info,
-                                     folder / "latent_evolution.gif")
-
-
-def print_summary(metrics, run_args):
+def print_summary(scores, run_args):
+    """The numbers of this evaluation, a line per model and sampler; then the training speed,
+    labelled as the checkpoint's when --eval only read it."""
     for kind in run_args.models:
-        m = metrics[kind]
+        m = scores[kind]
         iwae = m.get("test_nll_iwae")
-        nll = f", IWAE NLL {iwae['nats']:.2f} (k={iwae['samples']})" if iwae else ""
+        nll = f", IWAE bound {iwae['nats']:.2f} (k={iwae['samples']})" if iwae else ""
+        codes_kl = m["latent"]["aggregate_codes"]["gaussian_kl_to_prior"]
+        print(f"{MODEL_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll}, "
+              f"PSNR {m['reconstruction']['psnr']:.2f} dB, codes' KL to N(0, I) {codes_kl:.2f} "
+              f"nats")
+    for label, sample_scores in scores["samples"].items():
+        print(f"samples {label}: Frechet distance {sample_scores['frechet_distance']:.1f}, "
+              f"{100 * sample_scores['confident_share']:.1f}% confident, class entropy "
+              f"{sample_scores['class_entropy_bits']:.2f} bits")
+    for kind in run_args.models:
+        m = scores[kind]
         how = f"{m['images_per_second']} images/s on {m['trained_on']}"
         how += f", {m['threads']} thread{'s' * (m['threads'] > 1)}" if m.get("threads") else ""
         how += ", bf16" if m["flags"]["precision"] == "bf16" else ""
-        print(f"{MODEL_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll} after "
-              f"{m['epochs']} epochs, {m['seconds_per_epoch']:.2f} s/epoch ({how})")
-    for label, scores in metrics["samples"].items():
-        print(f"samples {label}: Frechet distance {scores['frechet_distance']:.1f}, "
-              f"{100 * scores['confident_share']:.1f}% confident, class entropy "
-              f"{scores['class_entropy_bits']:.2f} bits")
+        whose = "its checkpoint's training" if run_args.eval else "training"
+        print(f"{MODEL_NAMES[kind]}: {whose}: {m['epochs']} epochs, {m['seconds_per_epoch']:.2f} "
+              f"s/epoch ({how})")
     print(f"figures and metrics.json written to {run_args.figure_dir}/")
 
 
 def write_study(args, results):
     """The latent-size study: the scores of each latent size, as a table, a figure and JSON."""
-    study = {str(size): utils.study_row(metrics) for size, metrics in results.items()}
+    study = {str(size): metrics.study_row(scores) for size, scores in results.items()}
     utils.save_json(Path(args.figure_dir) / "latent_study.json", study)
-    utils.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
-    print(utils.latent_study_table(study))
+    plots.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
+    print(metrics.latent_study_table(study))
     print(f"latent_study.png and latent_study.json written to {args.figure_dir}/")
     return study
-
-
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -700,62 +621,13 @@ def kl_warmup_range(epoch, warmup_epochs):
     return min(1.0, (epoch - 1) / warmup_epochs), min(1.0, epoch / warmup_epochs)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class NonFiniteLoss(Exception):
     def __init__(self, step):
         super().__init__(step)
         self.step = step
 
 
-# ------------------------------------------------------------------------------ signals and phases
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM ended the run."""
-
-    def __init__(self, signal_name):
-        super().__init__(signal_name)
-        self.signal_name = signal_name
-
-
-class StopRequest:
-    """Turns SIGINT (Ctrl-C) and SIGTERM into Stopped. Inside polled() (the training loops) a
-    signal only records its name, which the loop reads after each step, so that no step or
-    checkpoint is cut in half; elsewhere the first signal raises Stopped at once (every file is
-    written whole or not at all)."""
-
-    def __init__(self):
-        self.signal_name, self.polling = None, False
-
-    def __enter__(self):
-        self.previous = {number: signal.signal(number, self.handle)
-                         for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def handle(self, number, frame):
-        first = self.signal_name is None
-        self.request(signal.Signals(number).name)
-        if first and not self.polling:
-            raise Stopped(self.signal_name)
-
-    def request(self, reason):
-        self.signal_name = self.signal_name or reason
-
-    @contextlib.contextmanager
-    def polled(self):
-        self.polling = True
-        try:
-            yield
-        finally:
-            self.polling = False
-
+# ------------------------------------------------------------------------- signals and errors
 
 def stop_message(signal_name, phase, args):
     """The line a signal ends the run with: the phase, what the checkpoints on disk hold, and
@@ -769,28 +641,21 @@ def stop_message(signal_name, phase, args):
             f"with: python main.py {' '.join(args.argv)} --resume")
 
 
-class Phases:
-    """Wall-clock seconds per phase, for the table printed at the end of a run; `current` names
-    the phase under way, for the line a signal or an out-of-memory error ends the run with."""
-
-    def __init__(self):
-        self.started, self.current = time.perf_counter(), "starting"
-        self.seconds = {"start-up (Python and its imports)": IMPORT_SECONDS}
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        outer, self.current = self.current, name
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-        self.current = outer  # not reached when the phase raised: `current` then names it
-
-    def table(self):
-        rows = [f"  {name:<36} {seconds:6.1f} s" for name, seconds in self.seconds.items()]
-        total = IMPORT_SECONDS + time.perf_counter() - self.started
-        return "\n".join(["time by phase:", *rows, f"  {'total':<36} {total:6.1f} s"])
+@contextlib.contextmanager
+def one_line_errors(args, phases):
+    """A signal or a failed allocation, in any phase, becomes one line that names the phase."""
+    try:
+        yield
+    except utils.Stopped as stopped:
+        message = stop_message(stopped.signal_name, phases.current, args)
+        raise utils.ProjectError(message, exit_code=130) from None
+    except (MemoryError, RuntimeError) as error:
+        if not utils.is_out_of_memory(error):
+            raise
+        flags = MEMORY_FLAGS.get(phases.current, ["hidden_dim", "batch_size"])
+        named = " or ".join(f"--{flag.replace('_', '-')} (now {getattr(args, flag)})"
+                            for flag in flags)
+        raise utils.ProjectError(f"out of memory while {phases.current}; lower {named}") from None
 
 
 if __name__ == "__main__":

@@ -111,3 +111,18 @@ def test_fashion_mnist_downloads_with_its_own_torchvision_class(tmp_path, monkey
     assert asked == [True, False] and data["train"][0].shape == (256, 28, 28)
     assert len(list((tmp_path / "data" / "FashionMNIST" / "raw").glob("*.gz"))) == 4  # moved where it is looked for
     assert utils.DATASETS["fashion-mnist"].classes[9] == "Ankle boot"
+
+
+def test_a_failed_download_always_says_why_and_that_the_folder_had_no_idx_files(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):  # torchvision's own message: a header line, then each mirror's error
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(utils.ProjectError) as failed:
+        utils.load_dataset(tmp_path / "figures")
+    message = str(failed.value)
+    assert "holds none of the four MNIST IDX files" in message
+    assert "Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -2]" in message

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import main
+import metrics
+import plots
 import utils
 from conftest import FAST_SCORES, REAL_MNIST, ROOT, make_synthetic_mnist, run_expecting_error
 from models import ModelConfig, build_model
@@ -25,7 +27,7 @@ def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_p
     real = (REAL_MNIST / "MNIST" / "raw").is_dir()
     data_dir = REAL_MNIST if real else make_synthetic_mnist(tmp_path / "mnist")
     if data_dir == REAL_MNIST:  # the committed classifier is cached for MNIST: no run may train another
-        monkeypatch.setattr(utils, "train_classifier", lambda *a, **k: pytest.fail("trained a second classifier"))
+        monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("trained a second classifier"))
     trained = main.main(flags(data_dir, tmp_path / "run"))
     printed = capsys.readouterr().out
     for phase in ["reading the data", "training", "computing the IWAE bound", "drawing the GIF", "total"]:
@@ -184,7 +186,7 @@ def test_a_1d_latent_space_trains_and_draws_every_figure(synthetic_mnist, tmp_pa
 def test_the_classifier_is_trained_once_per_dataset_whatever_the_folders(synthetic_mnist, tmp_path, monkeypatch):
     main.main(flags(synthetic_mnist, tmp_path / "first", "--dataset", "fashion-mnist", "--hidden-dim", "16"))
     assert (tmp_path / "checkpoints" / "classifier-fashion-mnist.pt").is_file()  # the cache, in the working folder
-    monkeypatch.setattr(utils, "train_classifier", lambda *a, **k: pytest.fail("trained the classifier again"))
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("trained the classifier again"))
     main.main(flags(synthetic_mnist, tmp_path / "second", "--dataset", "fashion-mnist", "--hidden-dim", "16"))
     evaluated = main.main(flags(synthetic_mnist, tmp_path / "second", "--eval"))  # the checkpoints say which dataset
     assert evaluated["dataset"] == "fashion-mnist"
@@ -237,9 +239,9 @@ def test_main_flushes_denormals_in_every_torch_thread(tmp_path):
 
 def test_principal_axes_have_one_sign_whatever_the_svd_returns():
     codes = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 3, 1, 1, 1, 1])
-    axes = utils.principal_axes(codes)
+    axes = plots.principal_axes(codes)
     assert torch.allclose(axes.T @ axes, torch.eye(2), atol=1e-5)
-    assert torch.allclose(utils.principal_axes(-codes), axes, atol=1e-5)  # -codes: the same axes, up to sign
+    assert torch.allclose(plots.principal_axes(-codes), axes, atol=1e-5)  # -codes: the same axes, up to sign
     assert (axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)) > 0).all()
 
 
@@ -268,3 +270,23 @@ def test_the_readme_line_links_point_into_the_code_they_name():
         assert enclosing == name.split(".")[-1], f"{name}: {file}#L{first}-L{last}"
         # the range opens at the def (or at a comment inside it) and ends on code, not a blank line
         assert opening.startswith(("def ", "#")) and closing, f"{name}: {file}#L{first}-L{last}"
+
+
+@pytest.mark.parametrize("folder, advice", [("empty", "`python main.py --checkpoint-dir empty`"),
+                                            ("checkpoints", "`python main.py`,")])
+def test_no_checkpoint_advice_trains_into_the_folder_asked_for(tmp_path, capsys, folder, advice):
+    (tmp_path / folder).mkdir()
+    code, printed = run_expecting_error(["--eval", "--checkpoint-dir", folder], capsys)
+    assert code == 1 and f"no checkpoint at {folder}/vae.pt" in printed and advice in printed, printed
+
+
+def test_each_module_imports_only_the_ones_below_it():
+    import ast
+
+    order = ["utils", "models", "metrics", "plots", "main"]  # models and utils import none of the project
+    for position, name in enumerate(order):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        above = set(order[position:]) | ({"models"} if name == "utils" else set())
+        assert not imported & above, f"{name}.py imports {imported & above}"

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import main
+import metrics
 import utils
 from models import ModelConfig, build_model
 
@@ -43,61 +44,61 @@ def test_iwae_is_exact_when_the_posterior_is_exact():
     bias = model.decoder[-1].bias.detach()
     exact = -torch.distributions.Bernoulli(logits=bias).log_prob(x).sum(1).mean().item()
     for samples, chunk in [(1, 500), (37, 10)]:
-        assert utils.iwae_nll(model, x, samples, batch_size=3, chunk_size=chunk) == pytest.approx(exact, rel=1e-5)
+        assert metrics.iwae_nll(model, x, samples, batch_size=3, chunk_size=chunk) == pytest.approx(exact, rel=1e-5)
 
 
 def test_iwae_k1_is_the_elbo_in_expectation_and_tightens_with_k():
     model, x = tiny_vae(), binary_images(n=4)
     torch.manual_seed(0)
-    negative_elbo = sum(utils.evaluate_loss(model, x)["loss"] for _ in range(2000)) / 2000
-    k1 = sum(utils.iwae_nll(model, x, 1) for _ in range(2000)) / 2000
-    k1000 = utils.iwae_nll(model, x, 1000)
+    negative_elbo = sum(metrics.evaluate_loss(model, x)["loss"] for _ in range(2000)) / 2000
+    k1 = sum(metrics.iwae_nll(model, x, 1) for _ in range(2000)) / 2000
+    k1000 = metrics.iwae_nll(model, x, 1000)
     assert k1 == pytest.approx(negative_elbo, abs=0.5)  # both are Monte Carlo means; their sd here is ~0.1
     assert k1000 < k1 - 1.0
 
 
 def test_frechet_distance_known_answers():
     a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) + 1.0
-    assert utils.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     # b = 2a: mean doubles, covariance quadruples: |m|^2 + tr(S + 4S - 2 * 2S) = |m|^2 + tr(S)
     expected = (a.double().mean(0).pow(2).sum() + torch.trace(torch.cov(a.double().T))).item()
-    assert utils.frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
-    assert utils.frechet_distance(a, a + 3.0) == pytest.approx(9.0 * 6, rel=1e-6)  # shift only
+    assert metrics.frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance(a, a + 3.0) == pytest.approx(9.0 * 6, rel=1e-6)  # shift only
 
 
 def test_histogram_entropy_and_sample_quality_shares():
-    assert utils.histogram_entropy(torch.arange(1000) % 10) == pytest.approx(math.log2(10))
-    assert utils.histogram_entropy(torch.full((50,), 3)) == 0.0
+    assert metrics.histogram_entropy(torch.arange(1000) % 10) == pytest.approx(math.log2(10))
+    assert metrics.histogram_entropy(torch.full((50,), 3)) == 0.0
 
 
 def test_knn_accuracy_separable_and_leave_one_out():
     labels = torch.arange(100) % 4
     separable = labels[:, None].float() * 10 + 0.01 * torch.randn(100, 2)
-    assert utils.knn_accuracy(separable, labels) == 1.0
+    assert metrics.knn_accuracy(separable, labels) == 1.0
     # each point's nearest other point has the other label: 0 with k = 1, but 1 if it could pick itself
     codes, labels = torch.tensor([[0.0], [1.0], [10.0], [11.0]]), torch.tensor([0, 1, 0, 1])
-    assert utils.knn_accuracy(codes, labels, k=1) == 0.0
+    assert metrics.knn_accuracy(codes, labels, k=1) == 0.0
 
 
 def test_gaussian_kl_to_standard_normal():
     generator = torch.Generator().manual_seed(0)
-    assert utils.gaussian_kl_to_standard(torch.randn(200_000, 4, generator=generator)) < 1e-3
+    assert metrics.gaussian_kl_to_standard(torch.randn(200_000, 4, generator=generator)) < 1e-3
     codes = torch.randn(5000, 3, generator=generator) @ torch.tensor([[2.0, 0, 0], [0.5, 1, 0], [0, 0, 0.3]]) + 1.5
     mean, covariance = codes.double().mean(0), torch.cov(codes.double().T)
     fitted = torch.distributions.MultivariateNormal(mean, covariance)
     zero, identity = torch.zeros(3, dtype=torch.double), torch.eye(3, dtype=torch.double)
     standard = torch.distributions.MultivariateNormal(zero, identity)
     expected = torch.distributions.kl_divergence(fitted, standard).item()
-    assert utils.gaussian_kl_to_standard(codes) == pytest.approx(expected, rel=1e-9)
+    assert metrics.gaussian_kl_to_standard(codes) == pytest.approx(expected, rel=1e-9)
 
 
 def test_fitted_gaussian_reproduces_the_codes_moments():
     generator = torch.Generator().manual_seed(0)
     codes = torch.randn(20_000, 3, generator=generator) @ torch.tensor([[1.0, 0, 0], [0.8, 0.5, 0], [0, 0, 2]]) - 2
-    samples = utils.Gaussian.fitted(codes).sample(20_000, seed=1)
+    samples = metrics.Gaussian.fitted(codes).sample(20_000, seed=1)
     assert torch.allclose(samples.mean(0), codes.mean(0), atol=0.05)
     assert torch.allclose(torch.cov(samples.T), torch.cov(codes.T), atol=0.1)
-    standard = utils.Gaussian.standard(3, torch.device("cpu")).sample(20_000, seed=1)
+    standard = metrics.Gaussian.standard(3, torch.device("cpu")).sample(20_000, seed=1)
     assert torch.allclose(torch.cov(standard.T), torch.eye(3), atol=0.05)
 
 
@@ -107,7 +108,7 @@ def test_active_units_count_the_dimensions_whose_mean_varies():
         last = model.encoder[-1]  # rows 0-4: mu, rows 5-9: log sigma^2
         last.weight[:2] = 0.0  # mu_0, mu_1 constant over x: inactive
         last.weight[2:5] *= 100.0  # mu_2..mu_4 vary a lot: active
-    statistics = utils.posterior_statistics(*model.posterior(x))
+    statistics = metrics.posterior_statistics(*model.posterior(x))
     assert statistics["active_units"] == 3
     assert statistics["posterior_mean_variance"][0] == pytest.approx(0.0, abs=1e-10)
     assert len(statistics["kl_per_dimension"]) == 5 and min(statistics["kl_per_dimension"]) >= 0
@@ -125,7 +126,7 @@ class OffsetModel(nn.Module):
 
 def test_reconstruction_errors_known_psnr():
     images = torch.rand(10, 784, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.05
-    errors = utils.reconstruction_errors(OffsetModel(), images, images, images)
+    errors = metrics.reconstruction_errors(OffsetModel(), images, images, images)
     assert errors["mse"] == pytest.approx(0.01, rel=1e-4)
     assert errors["psnr"] == pytest.approx(20.0, rel=1e-4)
 
@@ -136,10 +137,10 @@ def test_classifier_is_trained_once_then_read_from_its_cache(tmp_path, monkeypat
     for i, label in enumerate(labels):  # a bright column per digit: easy to learn
         images[i].view(28, 28)[:, 2 + 2 * label] = 1.0
     data = {"train": (images, labels), "test": (images, labels)}
-    classifier, accuracy = main.scoring_classifier("mnist", data, main.Phases())
+    classifier, accuracy = metrics.scoring_classifier("mnist", data, utils.Phases())
     assert (tmp_path / "checkpoints" / "classifier-mnist.pt").is_file() and accuracy > 0.9  # tmp_path: the cwd
-    monkeypatch.setattr(utils, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
-    cached, cached_accuracy = main.scoring_classifier("mnist", data, main.Phases())
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
+    cached, cached_accuracy = metrics.scoring_classifier("mnist", data, utils.Phases())
     assert cached_accuracy == accuracy
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), cached.state_dict().values()))
 
@@ -177,14 +178,14 @@ def test_beta_and_warmup_weight_only_the_training_loss():
 
 def test_ssim_known_answers():
     images = torch.rand(4, 784, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(utils.ssim(images, images), torch.ones(4), atol=1e-6)
+    assert torch.allclose(metrics.ssim(images, images), torch.ones(4), atol=1e-6)
     # two flat images a and b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
     a, b, c1 = 0.2, 0.6, 0.01**2
     flat_a, flat_b = torch.full((1, 784), a), torch.full((1, 784), b)
-    assert utils.ssim(flat_a, flat_b).item() == pytest.approx((2 * a * b + c1) / (a**2 + b**2 + c1), rel=1e-4)
+    assert metrics.ssim(flat_a, flat_b).item() == pytest.approx((2 * a * b + c1) / (a**2 + b**2 + c1), rel=1e-4)
     noisy = (images + 0.2 * torch.randn(4, 784, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    assert torch.allclose(utils.ssim(images, noisy), utils.ssim(noisy, images))  # symmetric
-    assert (utils.ssim(images, noisy) < 0.9).all()
+    assert torch.allclose(metrics.ssim(images, noisy), metrics.ssim(noisy, images))  # symmetric
+    assert (metrics.ssim(images, noisy) < 0.9).all()
 
 
 def test_a_damaged_classifier_cache_says_to_delete_it(tmp_path):
@@ -194,5 +195,5 @@ def test_a_damaged_classifier_cache_says_to_delete_it(tmp_path):
     images, labels = torch.zeros(10, 784), torch.arange(10)
     data = {"train": (images, labels), "test": (images, labels)}
     with pytest.raises(utils.ProjectError, match="classifier-mnist.pt is not a readable checkpoint.*delete it"):
-        main.scoring_classifier("mnist", data, main.Phases())
+        metrics.scoring_classifier("mnist", data, utils.Phases())
     assert path.read_bytes() == b"not a checkpoint"  # left as it was

@@ -21,7 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import main
+import metrics
 import models
+import plots
 import utils
 from conftest import FAST_SCORES, ROOT, check_error_line, make_synthetic_mnist, run_expecting_error
 
@@ -127,7 +129,8 @@ def test_a_signal_in_any_other_phase_ends_the_run_in_one_line_and_leaves_no_half
     if function == "train_classifier":
         (out / "checkpoints" / "classifier-mnist.pt").unlink()  # the cache (this test's working folder is `out`)
     number = signal.SIGTERM if function == "iwae_nll" else signal.SIGINT
-    monkeypatch.setattr(utils, function, sends_itself(number, getattr(utils, function)))
+    module = next(module for module in (utils, metrics, plots) if hasattr(module, function))
+    monkeypatch.setattr(module, function, sends_itself(number, getattr(module, function)))
     code, printed = run_expecting_error(flags(data_dir, out, 1, "--resume"), capsys)
     assert code == 130
     assert printed.startswith(f"error: stopped by {signal.Signals(number).name} while {phase}; ")
@@ -199,7 +202,7 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_previous_checkpoint_and_fig
     assert code == 1 and "cannot write" in printed and "vae.pt keeps its previous contents" in printed
     assert "No space left on device" in printed
     with pytest.raises(utils.ProjectError, match="manifold.png keeps its previous contents"):
-        utils.save_figure(utils.Figure(), out / "figures" / "manifold.png")
+        utils.save_figure(plots.Figure(), out / "figures" / "manifold.png")
     assert {path: path.read_bytes() for path in before} == before
     assert utils.load_checkpoint(out / "checkpoints" / "vae.pt")["epoch"] == 1
     assert not [path for path in out.rglob("*.tmp")]
@@ -214,7 +217,7 @@ def test_out_of_memory_names_the_flag_that_asked_for_too_much(synthetic_mnist, t
     def no_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes")
     if failing:
-        monkeypatch.setattr(utils, failing, no_memory)
+        monkeypatch.setattr(metrics, failing, no_memory)
     code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 1, *argv), capsys)
     assert code == 1 and printed.startswith(f"error: out of memory while {words}")
 
