@@ -450,7 +450,8 @@ def report(checkpoints, data, dataset, run_args, phases):
     utils.save_json(Path(run_args.figure_dir) / "metrics.json",
                     {**scores, "notes": metrics.METRICS_NOTES})
     histories = {MODEL_NAMES[kind]: checkpoints[kind]["history"] for kind in checkpoints}
-    plots.draw_figures(models, codes, samplers, histories, scores, data, dataset,
+    configs = {MODEL_NAMES[kind]: ModelConfig(**checkpoints[kind]["config"]) for kind in checkpoints}
+    plots.draw_figures(models, configs, codes, samplers, histories, scores, data, dataset,
                        run_args.figure_dir, phases)
     return scores
 

@@ -17,8 +17,10 @@ import utils
 from utils import IMAGE_SIDE
 
 
-def draw_figures(models, codes, samplers, histories, scores, data, dataset, figure_dir, phases):
-    """Every figure of one run, into `figure_dir`. codes: each model's test codes (VAE: posterior
+def draw_figures(models, configs, codes, samplers, histories, scores, data, dataset, figure_dir,
+                 phases):
+    """Every figure of one run, into `figure_dir`. models and configs: {"VAE": ..., "AE": ...}
+    (configs: each checkpoint's ModelConfig); codes: each model's test codes (VAE: posterior
     means); samplers: as metrics.make_samplers gives them; histories: each checkpoint's; scores:
     the run's metrics."""
     info, folder = utils.DATASETS[dataset], Path(figure_dir)
