@@ -1,19 +1,27 @@
 """Every picture a run writes: samples, reconstructions, interpolations, the VAE's manifold, the
-latent scatter and its GIF, the loss curves and the latent-size study. Computes no score (the
+latent scatter and its GIF, the loss curves, the latent-size study, the architecture diagram and the
+explorer page (explorer.html, from explorer_template.html beside this file). Computes no score (the
 numbers come from metrics.py) and writes every file through utils' atomic writes.
 
 Figures take dicts keyed by display names ({"VAE": ..., "AE": ...}): one model or both alike."""
+import base64
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from torch import nn
 
 import metrics
 import utils
+from models import build_model
 from utils import IMAGE_SIDE
 
 
@@ -35,8 +43,12 @@ def draw_figures(models, configs, codes, samplers, histories, scores, data, data
         if "VAE" in models:
             variances = scores["vae"]["posterior"]["posterior_mean_variance"]
             plot_manifold(models["VAE"], variances, folder / "manifold.png")
+        plot_architecture(configs, folder / "architecture.png")
     with phases("drawing the GIF"):  # on the scatter's axes, so both show the same orientation
         write_latent_evolution(histories, axes, labels, info, folder / "latent_evolution.gif")
+    with phases("writing the explorer page"):  # on the scatter's axes too
+        write_explorer(models, configs, codes, axes, samplers, scores, data["test"], info,
+                       folder / "explorer.html")
 
 
 def grid_image(images, nrow):
@@ -314,3 +326,293 @@ def plot_latent_study(study, path):
     figure.suptitle("Latent-size study: reconstruction of the test set (decoded posterior means "
                     "/ codes)", fontsize=12)
     utils.save_figure(figure, path)
+
+
+# ------------------------------------------------------------------ the explorer page
+
+EXPLORER_TEMPLATE = "explorer_template.html"  # beside this file: the page's HTML, CSS and JavaScript
+EXPLORER_DATA_MARK = "/*EXPLORER_DATA*/"  # where the template takes the page's data, as JSON
+
+
+def write_explorer(models, configs, codes, axes_of, samplers, scores, test, dataset, path, *,
+                   dots=800, grid_side=25, samples=32):
+    """explorer.html: one self-contained page where each model decodes the point under the pointer
+    on the plane of its principal axes `axes_of[name]` (those of latent_scatter.png), plus samples,
+    interpolations and the VAE's most active dimensions. MLP decoders run in the page's JavaScript;
+    others show the nearest of a `grid_side`^2 grid decoded here. test: (images (N, 784) in [0, 1],
+    labels (N,)); the first `dots` are the page's dots and interpolation ends."""
+    images, labels = test
+    count = min(dots, len(images))
+    variances = scores.get("vae", {}).get("posterior", {}).get("posterior_mean_variance")
+    payload = {
+        "title": dataset.title, "classes": list(dataset.classes), "colors": tab10_colors(),
+        "dots": {"count": count, "labels": labels[:count].tolist(),
+                 "images": base64_of((images[:count] * 255).round(), "u1")},  # (count, 784) bytes
+        "initialPair": list(pick_pairs(labels[:count], dataset.interpolation_pairs)[0]),
+        "models": [explorer_model(name, model, configs[name], codes[name], axes_of[name],
+                                  variances if name == "VAE" else None, count=count,
+                                  grid_side=grid_side) for name, model in models.items()],
+        "samplers": [explorer_sampler(label, model, gaussian, models, configs, count=samples)
+                     for label, (model, gaussian) in samplers.items()],
+    }
+    template = (Path(__file__).parent / EXPLORER_TEMPLATE).read_text(encoding="utf-8")
+    page = template.replace(EXPLORER_DATA_MARK, page_json(payload))
+    utils.write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+
+
+def page_json(payload):
+    """JSON that is safe inside <script>: no "</script>" can end it early."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def base64_of(tensor, dtype):
+    """A tensor's values as base64 text of little-endian `dtype` ("<f4", "<f2", "u1"), row-major."""
+    array = np.ascontiguousarray(tensor.detach().float().cpu().numpy().astype(dtype))
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
+def tab10_colors():
+    return [to_hex(color) for color in colormaps["tab10"].colors]  # latent_scatter.png's classes
+
+
+def explorer_model(name, model, config, codes, axes, variances, *, count, grid_side):
+    """One model's part of the page: its plane, the codes (N, D) of the first `count` test images,
+    its decoder (MLP layers) or else a grid of decodes, and for the VAE its most active dimensions."""
+    codes = codes.detach().float().cpu()
+    plane = latent_plane(codes, axes.detach().float().cpu())
+    layers = decoder_layers(model) if runs_in_page(model, config) else None
+    return {"name": name, "latentDim": codes.shape[1], "arch": config.arch, **plane,
+            "axisNames": list(axis_names(codes.shape[1])), "codes": base64_of(codes[:count], "<f4"),
+            "layers": layers, "grid": None if layers else plane_grid(model, plane, grid_side),
+            "activeDims": active_dimensions(variances) if variances else []}
+
+
+def latent_plane(codes, axes):
+    """codes (N, D), axes (D, 2) orthonormal -> the plane the page shows: a point (u, v) is
+    z = m_perp + u a1 + v a2, where m_perp is the codes' mean without its a1, a2 components (the
+    other coordinates held at the mean); `limit`: half its side, fitted as the GIF's panels are."""
+    points = (codes @ axes).numpy()  # (N, 2), not centred: as latent_scatter.png
+    mean = codes.mean(dim=0)
+    m_perp = mean - axes @ (axes.T @ mean)
+    limit = 1.15 * max(3.5, float(np.quantile(np.abs(points), 0.998)))
+    return {"axes": axes.T.tolist(), "mean": mean.tolist(), "mPerp": m_perp.tolist(), "limit": limit}
+
+
+def runs_in_page(model, config):
+    """Whether the page can run this decoder itself: an MLP, Linear and ReLU layers only."""
+    return config.arch == "mlp" and isinstance(model.decoder, nn.Sequential) and all(
+        isinstance(layer, (nn.Linear, nn.ReLU)) for layer in model.decoder)
+
+
+def decoder_layers(model):
+    """The MLP decoder as [{"in", "out", "relu", "dtype", "weight", "bias"}], each weight (in, out)
+    row-major so that the page adds one input's row at a time, skipping the zeros of a ReLU.
+    float16 halves the page (the reference pair: 1.7 MB of weights, not 3.4) and stays within
+    0.6/255 of torch; the first layer, from z and small (D x hidden), is kept in float32, which
+    halves that error."""
+    layers = []
+    for layer in model.decoder:
+        if isinstance(layer, nn.ReLU):
+            layers[-1]["relu"] = True
+            continue
+        dtype = "<f2" if layers else "<f4"
+        layers.append({"in": layer.in_features, "out": layer.out_features, "relu": False,
+                       "dtype": {"<f2": "float16", "<f4": "float32"}[dtype],
+                       "weight": base64_of(layer.weight.T, dtype),
+                       "bias": base64_of(layer.bias, "<f4")})
+    return layers
+
+
+def plane_grid(model, plane, side):
+    """The decodes of a side x side grid over the plane, for a decoder the page cannot run: rows
+    from v = +limit down to -limit, columns from u = -limit to +limit, as bytes (side^2, 784)."""
+    steps = torch.linspace(-plane["limit"], plane["limit"], side)
+    u, v = steps.repeat(side), steps.flip(0).repeat_interleave(side)  # (side^2,) each
+    a1, a2 = torch.tensor(plane["axes"])  # (D,) each
+    z = torch.tensor(plane["mPerp"]) + u[:, None] * a1 + v[:, None] * a2  # (side^2, D)
+    device = next(model.parameters()).device
+    images = metrics.decode_images(model, z.to(device)).reshape(side * side, -1)
+    return {"side": side, "images": base64_of((images * 255).round(), "u1")}
+
+
+def active_dimensions(posterior_mean_variance, *, count=4):
+    """The VAE's `count` most active dimensions, as plot_manifold picks them."""
+    variances = torch.tensor(posterior_mean_variance)
+    top = variances.topk(min(count, len(variances))).indices.tolist()
+    return [{"dim": dim, "variance": float(variances[dim])} for dim in top]
+
+
+def explorer_sampler(label, model, gaussian, models, configs, *, count, seed=0):
+    """One sampler of metrics.make_samplers for the page: its Gaussian (mean, scale_tril), and
+    `count` decoded draws where the page cannot run the decoder."""
+    name = next(name for name, candidate in models.items() if candidate is model)
+    images = None
+    if not runs_in_page(model, configs[name]):
+        decoded = metrics.decode_images(model, gaussian.sample(count, seed)).reshape(count, -1)
+        images = base64_of((decoded * 255).round(), "u1")
+    return {"label": label, "model": name, "mean": gaussian.mean.float().cpu().tolist(),
+            "scaleTril": gaussian.scale_tril.float().cpu().tolist(), "images": images}
+
+
+# ------------------------------------------------------------------ the architecture diagram
+
+BLOCK_COLOURS = {"data": "#eeeeee", "encoder": "#d6e6f5", "code": "#d9d9d9", "decoder": "#d9f0d3",
+                 "vae": "#ffd8a8", "loss": "#f2e4f7"}
+BLOCK_NAMES = {"encoder": "encoder", "code": "code z", "decoder": "decoder", "vae": "added by the VAE",
+               "loss": "training loss"}
+
+
+def plot_architecture(configs, path):
+    """architecture.png: each model's layers, with their sizes, from its config."""
+    utils.save_figure(architecture_figure(configs), path)
+
+
+def architecture_figure(configs):
+    """One panel per model (configs: {"AE": ModelConfig, "VAE": ...}), AE first, so that the VAE's
+    additions (in orange: two heads, the sampling of z, the KL term) line up against the AE."""
+    names = sorted(configs, key=lambda name: name != "AE")
+    steps = {name: model_steps(configs[name]) for name in names}
+    rows = {name: architecture_rows(configs[name], *steps[name]) for name in names}
+    height = 0.62 * max(len(panel) for panel in rows.values()) + 1.7
+    figure = Figure(figsize=(5.6 * len(names), height), layout="constrained")
+    for ax, name in zip(np.atleast_1d(figure.subplots(1, len(names))), names):
+        draw_blocks(ax, rows[name])
+        ax.set_title(f"{name}{' (convolutional)' if configs[name].arch == 'conv' else ''}\n"
+                     f"{size_chain(configs[name], *steps[name])}", fontsize=11)
+    kinds = {block[1] for panel in rows.values() for row in panel for block in row}
+    handles = [Patch(facecolor=BLOCK_COLOURS[kind], edgecolor="#555", label=label)
+               for kind, label in BLOCK_NAMES.items() if kind in kinds]
+    figure.legend(handles=handles, loc="outside lower center", fontsize=9,
+                  ncols=min(len(handles), 3 * len(names)))
+    figure.suptitle(f"{' and '.join(names)}: the layers and their output sizes, from "
+                    f"{'each checkpoint' if len(names) > 1 else 'the checkpoint'}'s config"
+                    + (" (the VAE is the AE plus the orange parts)" if len(names) > 1 else ""),
+                    fontsize=12)
+    return figure
+
+
+def model_steps(config):
+    """(encoder steps, decoder steps) of the model `config` builds, each [label, output size], from
+    the model itself built on the meta device (shapes without weights or arithmetic)."""
+    with torch.device("meta"):
+        model = build_model(config)
+        encoder, _ = layer_steps(model.encoder, torch.zeros(1, config.image_dim))
+        decoder, _ = layer_steps(model.decoder, torch.zeros(1, config.latent_dim))
+    return encoder, decoder
+
+
+def layer_steps(sequential, x):
+    """Run x (a meta tensor) through `sequential`'s layers: ([label, output size] per Linear or
+    convolution, a ReLU or a reshape after it joined to it; the output)."""
+    steps = []
+    for layer in (module for module in sequential.modules() if not list(module.children())):
+        x = layer(x)
+        size = " x ".join(str(n) for n in x.shape[1:])
+        if isinstance(layer, nn.ReLU):
+            steps[-1][0] += " + ReLU"
+        elif isinstance(layer, nn.Unflatten) and steps:
+            steps[-1][1] += f" = {size}"
+        elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            kind = "Conv" if isinstance(layer, nn.Conv2d) else "ConvTranspose"
+            steps.append([f"{kind} {layer.kernel_size[0]}x{layer.kernel_size[1]}, stride "
+                          f"{layer.stride[0]}", size])
+        elif isinstance(layer, nn.Linear):
+            steps.append(["Linear", size])
+        # a Flatten, or the encoder's first reshape: the next layer's input says it
+    return steps, x
+
+
+def architecture_rows(config, encoder, decoder):
+    """The diagram's rows, top to bottom: each a list of blocks (text, kind, role) side by side.
+    Roles: "main" and "head" blocks take arrows from the row above; a "side" block points into its
+    row's main block; the "term" (KL) takes the heads' arrow. An empty row keeps the AE's layers
+    level with the VAE's."""
+    d, vae = config.latent_dim, config.kind == "vae"
+    rows = [[(f"x: a {IMAGE_SIDE} x {IMAGE_SIDE} image, {config.image_dim} pixels", "data", "main")]]
+    rows += [[(f"{label}: {size}", "encoder", "main")] for label, size in encoder[:-1]]
+    last = f"{encoder[-1][0]}: {2 * d} = 2 x {d}" if vae else f"{encoder[-1][0]}: {d}"
+    rows.append([(last, "encoder", "main")])
+    if vae:
+        rows.append([(rf"$\mu$: {d}", "vae", "head"), (rf"$\log\sigma^2$: {d}", "vae", "head")])
+        rows.append([(rf"$z = \mu + \sigma \odot \varepsilon$: {d}", "vae", "main"),
+                     (r"$\varepsilon \sim \mathcal{N}(0, I)$", "vae", "side")])
+    else:
+        rows += [[], [(f"code z: {d}", "code", "main")]]
+    rows += [[(f"{label}: {size}", "decoder", "main")] for label, size in decoder]
+    rows[-1] = [(rows[-1][0][0] + " logits", "decoder", "main")]
+    rows.append([(rf"$\hat{{x}}$ = sigmoid(logits): {config.image_dim}", "data", "main")])
+    loss = [("loss: the reconstruction term\nBCE$(x, \\hat{x}) = -\\log p(x \\mid z)$", "loss", "main")]
+    if vae:  # beside it: the KL term, weighted by beta (1: the loss is the negative ELBO)
+        loss.append((rf"+ $\beta\,$KL$(q(z \mid x)\ \|\ \mathcal{{N}}(0, I))$" "\n"
+                     rf"the KL term, $\beta$ = {config.beta:g}", "vae", "term"))
+    return rows + [loss]
+
+
+BLOCK_X = {"main": 0.5, "head": (0.3, 0.7), "side": 0.84}
+LOSS_X = {"main": 0.28, "term": 0.74}  # the KL term beside the reconstruction term
+
+
+def draw_blocks(ax, rows):
+    """One model's panel: its rows of blocks, top to bottom, with arrows between them."""
+    ax.set(xlim=(0, 1), ylim=(-0.7, len(rows) - 0.4))
+    ax.axis("off")
+    placed = []  # per row: [(text artist, role)]
+    for index, row in enumerate(rows):
+        y, heads = len(rows) - 1 - index, iter(BLOCK_X["head"])
+        in_loss_row = index == len(rows) - 1 and len(row) == 2
+        placed.append([])
+        for text, kind, role in row:
+            x = LOSS_X[role] if in_loss_row else next(heads) if role == "head" else BLOCK_X[role]
+            artist = ax.text(x, y, text, ha="center", va="center", fontsize=9.5, bbox={
+                "boxstyle": "round,pad=0.45", "facecolor": BLOCK_COLOURS[kind],
+                "edgecolor": "#d9822b" if kind == "vae" else "#666",
+                "linewidth": 1.6 if kind == "vae" else 0.8})
+            placed[-1].append((artist, role, y))
+    draw_arrows(ax, [row for row in placed if row])
+
+
+def arrow(ax, source, target, *, start=(0.5, 0), end=(0.5, 1), **style):
+    """An arrow from a point of `source` (an artist's box, in fractions of it; or a data point
+    with source "data") to a point of `target`."""
+    ax.annotate("", xy=end, xycoords=target, xytext=start, textcoords=source, arrowprops={
+        "arrowstyle": "-|>", "color": "#444", "shrinkA": 5, "shrinkB": 5, "lw": 1.0, **style})
+
+
+def draw_arrows(ax, filled):
+    """filled: the rows that have blocks, [(artist, role, y)]. Main and head blocks flow into the
+    next row's; a side block points into its main block; the heads feed the KL term, along the
+    right-hand edge."""
+    flowing = [[block for block in row if block[1] in ("main", "head")] for row in filled]
+    for above, below in zip(flowing, flowing[1:]):
+        for source, _, _ in above:
+            for target, _, _ in below:
+                arrow(ax, source, target)
+    for row in filled:
+        sides = [block for block in row if block[1] == "side"]
+        for side, _, _ in sides:
+            arrow(ax, side, row[0][0], start=(0, 0.5), end=(1, 0.5))
+    heads = [block for row in filled for block in row if block[1] == "head"]
+    terms = [block for row in filled for block in row if block[1] == "term"]
+    if heads and terms:  # out of log sigma^2 to the right, down the edge, into the KL term
+        (head, _, top), (term, _, bottom) = heads[-1], terms[0]
+        orange = {"color": "#d9822b", "lw": 1.3}
+        arrow(ax, head, "data", start=(1, 0.5), end=(0.97, top), arrowstyle="-", shrinkB=0, **orange)
+        ax.plot([0.97, 0.97], [top, bottom], **orange)
+        arrow(ax, "data", term, start=(0.97, bottom), end=(1, 0.5), shrinkA=0, **orange)
+
+
+def size_chain(config, encoder, decoder):
+    """The title's '784 -> 400 -> 20 -> 400 -> 784': the size after each block (the VAE's heads:
+    2 x 20), split over two lines when long (conv)."""
+    def short(size):
+        return size.split(" = ")[-1].replace(" x ", "x")
+
+    d = config.latent_dim
+    sizes = [str(config.image_dim), *(short(size) for _, size in encoder[:-1])]
+    sizes += [f"2 x {d}", str(d)] if config.kind == "vae" else [str(d)]
+    sizes += [*(short(size) for _, size in decoder[:-1]), str(config.image_dim)]
+    chain = " \u2192 ".join(sizes)
+    if len(chain) <= 60:
+        return chain
+    middle = sizes.index(str(d)) + 1
+    return " \u2192 ".join(sizes[:middle]) + " \u2192\n" + " \u2192 ".join(sizes[middle:])
