@@ -32,6 +32,9 @@ from models import ModelConfig, build_model
 
 IMPORT_SECONDS = time.perf_counter() - STARTED
 MODEL_NAMES = {"vae": "VAE", "ae": "AE"}
+ARCHITECTURES = ["mlp", "conv"]
+MODEL_FLAGS = ["latent_dim", "hidden_dim", "hidden_layers", "arch", "beta"]  # a checkpoint's config
+TRAINING_FLAGS = ["lr", "batch_size", "seed", "precision", "binarize", "kl_warmup", "lr_schedule"]
 DEFAULT_NLL_SAMPLES = 100
 EVOLUTION_IMAGES = 1000  # test images whose codes each epoch keeps, for latent_evolution.gif
 MEMORY_FLAGS = {  # the flags that size what a phase allocates, named when it runs out of memory
@@ -44,12 +47,7 @@ MEMORY_FLAGS = {  # the flags that size what a phase allocates, named when it ru
 # ------------------------------------------------------------------------------------------- flags
 
 def parse_args(argv=None):
-    parser = OneLineErrorParser(formatter_class=HelpFormatter, description="Train a VAE and a "
-                                "plain autoencoder on MNIST; compare them in figures and metrics.")
-    add_model_flags(parser.add_argument_group("model"))
-    add_training_flags(parser.add_argument_group("training"))
-    add_output_flags(parser.add_argument_group("data and output"))
-    add_scoring_flags(parser.add_argument_group("scoring"))
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.eval and args.resume:
@@ -59,9 +57,28 @@ def parse_args(argv=None):
     except utils.ProjectError as error:
         parser.error(f"argument --device: {error}")
     args.argv = [word for word in argv if word != "--resume"]  # for the command that resumes it
+    args.given = sorted(given_flags(argv))
     if args.models is not None:
         args.models = list(dict.fromkeys(args.models))  # drop repeats; None: decided per run folder
     return args
+
+
+def build_parser():
+    parser = OneLineErrorParser(formatter_class=HelpFormatter, description="Train a VAE and a "
+                                "plain autoencoder on MNIST; compare them in figures and metrics.")
+    add_model_flags(parser.add_argument_group("model"))
+    add_training_flags(parser.add_argument_group("training"))
+    add_output_flags(parser.add_argument_group("data and output"))
+    add_scoring_flags(parser.add_argument_group("scoring"))
+    return parser
+
+
+def given_flags(argv):
+    """The flags the command line names (their dests), whatever their values."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # a flag not given is then left out
+    return set(vars(parser.parse_args(argv)))
 
 
 def add_model_flags(group):
@@ -71,7 +88,7 @@ def add_model_flags(group):
                        help="width of each hidden layer")
     group.add_argument("--hidden-layers", metavar="N", type=number(int, 1), default=1,
                        help="hidden layers in the encoder and in the decoder (--arch mlp)")
-    group.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+    group.add_argument("--arch", choices=ARCHITECTURES, default="mlp",
                        help="an MLP, or two stride-2 convolutions and their transposes")
     group.add_argument("--beta", type=number(float, 0, above=True), default=1.0,
                        help="weight of the KL term in the VAE's training loss (1: the ELBO)")
@@ -102,8 +119,9 @@ def add_training_flags(group):
                        help="cpu, cuda, cuda:N or mps; auto: CUDA, then MPS, then the CPU")
     group.add_argument("--resume", action="store_true",
                        help="continue from the checkpoints (weights, Adam, random states, "
-                            "history) up to --epochs in total, with their lr, batch size, seed "
-                            "and precision")
+                            "history) up to --epochs in total, with their model and training "
+                            "flags: a model flag that differs is an error, a training flag "
+                            "that differs is named in a note")
 
 
 def add_output_flags(group):
@@ -127,8 +145,9 @@ def add_output_flags(group):
 
 def add_scoring_flags(group):
     group.add_argument("--eval", action="store_true",
-                       help="no training: rebuild the models from their checkpoints, write the "
-                            "figures and metrics")
+                       help="no training: rebuild the models from their checkpoints' configs, "
+                            "write the figures and metrics; model and training flags that differ "
+                            "from the checkpoints' are named in a note")
     group.add_argument("--nll-samples", metavar="K", type=number(int, 1),
                        help=f"importance samples per test image for the VAE's IWAE bound on "
                             f"-log p(x) (default: {DEFAULT_NLL_SAMPLES}; --eval keeps the count of "
@@ -186,6 +205,8 @@ def run(args, phases, stop):
     runs = run_folders(args)
     with phases("loading the checkpoints"):  # a missing or bad one fails before the data is read
         saved = [saved_checkpoints(run_args) for run_args in runs]
+    for run_args, checkpoints in zip(runs, saved):
+        name_decided_flags(run_args, checkpoints)
     dataset = dataset_of(args, saved)
     device = utils.pick_device(args.device)
     resumed = {stored_flags(c)["precision"] for checkpoints in saved for c in checkpoints.values()}
@@ -260,16 +281,31 @@ def resume_training(kind, path, checkpoint, args, device):
     config, model = restore_model(checkpoint, kind, args.checkpoint_dir, device)
     flags = stored_flags(checkpoint)
     optimizer = make_optimizer(model, flags["lr"], device)
-    optimizer.load_state_dict(checkpoint["optimizer"])
     shuffle, noise = (torch.Generator(device).manual_seed(flags["seed"] + k) for k in (0, 1))
+    try:
+        restore_training_state(checkpoint, model, optimizer, shuffle, noise, device)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise utils.ProjectError(f"{path}: its optimizer or random state cannot be restored "
+                                 f"({utils.first_line(error, 80)}); --eval still evaluates it, "
+                                 "or retrain") from None
+    print(f"{MODEL_NAMES[kind]}: resuming {path} after epoch {len(checkpoint['history'])} (its lr, "
+          f"batch size and seed; --epochs {args.epochs} is the new total)")
+    return Trainee(kind, path, config, model, optimizer, shuffle, noise, flags,
+                   checkpoint["history"], checkpoint)
+
+
+def restore_training_state(checkpoint, model, optimizer, shuffle, noise, device):
+    """Adam's moments and the generators' states, as the checkpoint saved them; raises one of
+    the errors resume_training catches where the file holds something else."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for parameter in model.parameters():
+        for moment in optimizer.state[parameter].values():
+            if moment.shape not in (parameter.shape, ()) or not moment.isfinite().all():
+                raise ValueError("Adam's moments do not fit the weights or are not finite")
     rng = checkpoint["rng"]
     if torch.device(checkpoint["device"]).type == device.type and "noise" in rng:
         shuffle.set_state(rng["shuffle"])  # generator states are per kind of device
         noise.set_state(rng["noise"])
-    print(f"{MODEL_NAMES[kind]}: resuming {path} after epoch {checkpoint['epoch']} (its lr, "
-          f"batch size and seed; --epochs {args.epochs} is the new total)")
-    return Trainee(kind, path, config, model, optimizer, shuffle, noise, flags,
-                   checkpoint["history"], checkpoint)
 
 
 def fit(trainee, args, data, stop, bar_position=None):
@@ -402,7 +438,8 @@ def checkpoint_of(trainee, epochs, device):
         "optimizer": trainee.optimizer.state_dict(),
         "epoch": len(trainee.history),
         "history": trainee.history,
-        "args": {**trainee.flags, "epochs": epochs},  # its training flags, for --resume and --eval
+        "args": {**{key: value for key, value in trainee.flags.items() if key != "given"},
+                 "epochs": epochs},  # its training flags, for --resume and --eval
         "rng": {"shuffle": trainee.shuffle.get_state(), "noise": trainee.noise.get_state()},
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -436,6 +473,7 @@ def report(checkpoints, data, dataset, run_args, phases):
     for kind, checkpoint in checkpoints.items():
         name, binarize = MODEL_NAMES[kind], stored_flags(checkpoint)["binarize"]
         model_scores, codes[name] = metrics.score_model(models[name], binarize, data, phases)
+        check_finite(codes[name], f"the {name}'s codes of the test set", checkpoint, run_args)
         scores[kind] = {**model_scores, "binarize": binarize,
                         **training_record(checkpoint, len(train_images))}
     if "vae" in checkpoints:
@@ -454,6 +492,15 @@ def report(checkpoints, data, dataset, run_args, phases):
     plots.draw_figures(models, configs, codes, samplers, histories, scores, data, dataset,
                        run_args.figure_dir, phases)
     return scores
+
+
+def check_finite(values, what, checkpoint, run_args):
+    """Stop in one line where finite weights still give NaN or infinite values (they overflow)."""
+    if not values.isfinite().all():
+        raise utils.ProjectError(f"{what} are NaN or infinite (the model's weights overflow, "
+                                 f"after {len(checkpoint['history'])} epochs in "
+                                 f"{run_args.checkpoint_dir}"
+                                 "/); retrain with a lower --lr")
 
 
 def print_summary(scores, run_args):
@@ -535,9 +582,34 @@ def saved_checkpoints(run_args):
     kinds = run_args.models if run_args.eval else [k for k in run_args.models if k in saved]
     checkpoints = {kind: utils.load_checkpoint(utils.checkpoint_path(folder, kind))
                    for kind in kinds}
-    for kind, checkpoint in checkpoints.items():
-        restore_model(checkpoint, kind, folder, torch.device("cpu"))  # the wrong model fails now
+    for kind, checkpoint in checkpoints.items():  # a damaged or wrong one fails now
+        check_stored_flags(checkpoint, utils.checkpoint_path(folder, kind))
+        restore_model(checkpoint, kind, folder, torch.device("cpu"))
     return checkpoints
+
+
+def name_decided_flags(run_args, checkpoints):
+    """The flags given on the command line that the checkpoints decide instead, named in one line
+    each: with --resume a model flag that differs is an error (the weights are that model), a
+    training flag a note (the run continues exactly as it began); --eval uses neither."""
+    decided = {}  # (flag, the checkpoint's value) -> the files
+    for kind, checkpoint in checkpoints.items():
+        stored = {**checkpoint["config"], **stored_flags(checkpoint),
+                  "epochs": len(checkpoint["history"])}
+        flags = MODEL_FLAGS + TRAINING_FLAGS + ["dataset"] + ["epochs"] * run_args.eval
+        for flag in flags:
+            given = getattr(run_args, flag)
+            if flag in run_args.given and flag in stored and stored[flag] != given:
+                path = utils.checkpoint_path(run_args.checkpoint_dir, kind)
+                decided.setdefault((flag, stored[flag], given), []).append(str(path))
+    for (flag, value, given), paths in decided.items():
+        option, files = f"--{flag.replace('_', '-')}", " and ".join(paths)
+        if run_args.resume and flag in MODEL_FLAGS:
+            raise utils.ProjectError(f"{option} {given} contradicts {files} ({flag} {value}): "
+                                     "--resume continues that model; drop the flag, or train a "
+                                     "new model into another --checkpoint-dir", exit_code=2)
+        mode = "--resume continues" if run_args.resume else "--eval evaluates"
+        print(f"note: {option} {given} is not used: {mode} {files} as trained ({flag} {value})")
 
 
 def dataset_of(args, checkpoints):
@@ -557,33 +629,66 @@ def stored_flags(checkpoint):
 
 def restore_model(checkpoint, kind, checkpoint_dir, device):
     """Rebuild the model of `kind` that `checkpoint` (from `checkpoint_dir`) holds, from its
-    own config; return (config, model)."""
+    own config, each part checked as data first; return (config, model)."""
     path = utils.checkpoint_path(checkpoint_dir, kind)
-    config = ModelConfig(**checkpoint["config"])
+    config = utils.dataclass_from(ModelConfig, checkpoint["config"], path,
+                                  choices={"kind": list(MODEL_NAMES), "arch": ARCHITECTURES})
     if config.kind != kind:
         raise utils.ProjectError(f"{path} holds the {config.kind.upper()} model, not the "
                                  f"{kind.upper()}; restore the right file or retrain with "
                                  f"--models {kind}")
     model = build_model(config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        raise utils.ProjectError(f"{path}: its weights do not fit its own config ({config.arch}, "
-                                 f"hidden {config.hidden_dim}, latent {config.latent_dim}); the "
-                                 "file is damaged or from another version: retrain") from None
+    problem = utils.state_dict_problem(checkpoint["model"], model.state_dict())
+    if problem is None and any("codes" in record and record["codes"].shape[1] != config.latent_dim
+                               for record in checkpoint["history"]):
+        problem = f"its history holds codes that are not {config.latent_dim}-D"
+    if problem:
+        raise utils.ProjectError(f"{path}: {problem}; the file is damaged or from another "
+                                 "version: retrain, or restore it")
+    model.load_state_dict(checkpoint["model"])
     return config, model.to(device)
+
+
+def check_stored_flags(checkpoint, path):
+    """The training flags a checkpoint stores, each checked as the command line's are."""
+    stored = checkpoint.get("args", {})
+    problem = None if isinstance(stored, dict) else "its training flags are not a dict"
+    for action in build_parser()._actions:
+        if problem is None and action.dest in stored \
+                and not flag_accepts(action, stored[action.dest]):
+            problem = f"its stored flag {action.option_strings[0]} is {utils.brief(stored[action.dest])}"
+    if problem is None and not checkpoint["history"]:
+        problem = "holds no trained epoch"
+    if problem:
+        raise utils.ProjectError(f"{path}: {problem}; the file is damaged or from another "
+                                 "version: retrain, or restore it")
+
+
+def flag_accepts(action, value):
+    """Whether the flag of `action` takes `value`, as parsed from a command line would be."""
+    values = value if isinstance(value, list) and action.nargs else [value]
+    if value is None or isinstance(value, bool):
+        return value == action.default or action.nargs is not None or action.const is not None
+    for item in values:
+        try:
+            parsed = (action.type or str)(str(item))
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            return False
+        if parsed != item or (action.choices is not None and item not in action.choices):
+            return False
+    return True
 
 
 def training_record(checkpoint, num_train_images):
     history, flags = checkpoint["history"], stored_flags(checkpoint)
     train_seconds = sum(record["train_seconds"] for record in history)
     return {
-        "epochs": checkpoint["epoch"],
+        "epochs": len(history),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": round(train_seconds / len(history), 3),
         "images_per_second": round(num_train_images * len(history) / train_seconds),
         "wall_seconds": round(sum(record["epoch_seconds"] for record in history), 2),
-        "trained_on": checkpoint["device"],
+        "trained_on": checkpoint.get("device", "an unknown device"),
         "threads": checkpoint.get("threads"),
         "config": checkpoint["config"],
         "flags": {key: flags[key] for key in ("batch_size", "lr", "seed", "binarize", "kl_warmup",
@@ -599,7 +704,9 @@ def nll_samples_for(run_args):
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         if run_args.eval:
             stored = json.loads((Path(run_args.figure_dir) / "metrics.json").read_text())
-            return stored["vae"]["test_nll_iwae"]["samples"]
+            samples = stored["vae"]["test_nll_iwae"]["samples"]
+            if isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1:
+                return samples
     return DEFAULT_NLL_SAMPLES
 
 
@@ -660,5 +767,11 @@ def one_line_errors(args, phases):
 
 
 if __name__ == "__main__":
-    main()
+    sys.stdout.reconfigure(line_buffering=True)  # each line when printed, into a pipe or tee too
+    try:
+        main()
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at Python's exit
+    except BrokenPipeError:  # a reader closed stdout or stderr (`python main.py | head -1`)
+        utils.silence_closed_streams()
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a process whose pipe closed
     gc.freeze()  # Python's exit then skips a garbage collection over torch's objects (0.5 s)

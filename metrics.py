@@ -274,20 +274,26 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
     return classifier, accuracy
 
 
-def load_classifier(path, device):
-    """The cached scoring classifier at `path`, and its test accuracy."""
+def load_classifier(path, device, dataset="mnist"):
+    """The cached scoring classifier of `dataset` at `path`, and its test accuracy, each checked
+    as data: the weights of this classifier, finite, trained on that dataset."""
     checkpoint = utils.load_checkpoint(path, fix="delete it and it is retrained")
     classifier = DigitClassifier()
-    try:
-        classifier.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        raise utils.ProjectError(f"{path} does not hold this project's classifier; delete it and "
-                                 "it is retrained") from None
-    return classifier.to(device), checkpoint["test_accuracy"]
+    accuracy, trained_on = checkpoint.get("test_accuracy"), checkpoint.get("dataset", dataset)
+    problem = utils.state_dict_problem(checkpoint["model"], classifier.state_dict())
+    if not (utils.is_finite_number(accuracy) and 0 <= accuracy <= 1):
+        problem = f"its test accuracy is {utils.brief(accuracy)}"
+    if trained_on != dataset:  # caches written before the field was stored are taken as named
+        problem = f"it was trained on {utils.brief(trained_on)}, not {dataset}"
+    if problem:
+        raise utils.ProjectError(f"{path} does not hold this project's {dataset} classifier "
+                                 f"({problem}); delete it and it is retrained")
+    classifier.load_state_dict(checkpoint["model"])
+    return classifier.to(device), accuracy
 
 
-def save_classifier(path, classifier, accuracy):
-    utils.save_checkpoint(path, {"config": {"kind": "classifier"},
+def save_classifier(path, classifier, accuracy, dataset):
+    utils.save_checkpoint(path, {"config": {"kind": "classifier"}, "dataset": dataset,
                                  "model": classifier.state_dict(), "history": [],
                                  "test_accuracy": accuracy})
 
@@ -296,12 +302,12 @@ def scoring_classifier(dataset, data, phases):
     """The CNN that scores samples: trained once per dataset and cached in CLASSIFIER_DIR."""
     path = classifier_path(dataset)
     if path.exists():
-        return load_classifier(path, data["train"][0].device)
+        return load_classifier(path, data["train"][0].device, dataset)
     print(f"training the classifier that scores samples (once for {utils.DATASETS[dataset].title};"
           f" cached in {path}) ...")
     with phases("training the scoring classifier"):
         classifier, accuracy = train_classifier(*data["train"], *data["test"])
-    save_classifier(path, classifier, accuracy)
+    save_classifier(path, classifier, accuracy, dataset)
     print(f"scoring classifier: {100 * accuracy:.2f}% test accuracy")
     return classifier, accuracy
 
@@ -339,7 +345,11 @@ def make_samplers(models, train_images):
     samplers = {f"{name}, z ~ N(0, I)": (model, Gaussian.standard(model.latent_dim, device))
                 for name, model in models.items()}
     if "AE" in models:
-        fitted = Gaussian.fitted(encode(models["AE"], train_images)[0])
+        codes = encode(models["AE"], train_images)[0]
+        if not codes.isfinite().all():
+            raise utils.ProjectError("the AE's codes of the training set are NaN or infinite (its "
+                                     "weights overflow); retrain it with a lower --lr")
+        fitted = Gaussian.fitted(codes)
         samplers["AE, z ~ Gaussian fitted to its training codes"] = (models["AE"], fitted)
     return samplers
 
@@ -350,6 +360,9 @@ def score_samples(samplers, classifier, test_images, count):
     scores = {}
     for label, (model, gaussian) in samplers.items():
         samples = decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
+        if not samples.isfinite().all():
+            raise utils.ProjectError(f"the samples of {label} are NaN or infinite (the model's "
+                                     "weights overflow); retrain it with a lower --lr")
         scores[label] = sample_quality(classifier, samples, reference)
     return scores
 

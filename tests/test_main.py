@@ -118,7 +118,9 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     optimizer.step()
     path = tmp_path / "ck" / "vae.pt"
     utils.save_checkpoint(path, {"config": vars(config), "model": model.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "epoch": 3, "history": [{"epoch": 3}],
+                                 "optimizer": optimizer.state_dict(), "epoch": 3, "history": [
+                                     {"epoch": epoch, "train": {"loss": 1.0}, "test": {"loss": 1.0},
+                                      "train_seconds": 1.0, "epoch_seconds": 1.0} for epoch in (1, 2, 3)],
                                  "args": {"seed": 0, "models": ["vae"], "device": "auto"}})
     loaded = utils.load_checkpoint(path)
     rebuilt = build_model(ModelConfig(**loaded["config"]))

@@ -3,6 +3,7 @@ numerical failure, unwritable folders, fuzzed IDX files."""
 import contextlib
 import errno
 import gzip
+import io
 import json
 import os
 import pickle
@@ -12,7 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,3 +374,153 @@ def test_idx_reader_on_random_bytes(tmp_path, data):
         utils.read_idx(path, "labels")
     except utils.ProjectError:
         pass
+
+
+# ---------------------------------------------------------------- whatever a file holds, the disk or the pipe does
+
+def rewrite_checkpoint(path, change):
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def set_history_field(checkpoint, field, value):
+    checkpoint["history"][0][field] = value
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c["config"].update(attention_heads=4),
+     "its config has a field this version does not know ('attention_heads'; a newer version"),
+    (lambda c: c["config"].pop("kind"), "its config lacks the field 'kind'"),
+    (lambda c: c["config"].update(latent_dim="20"), "its config's latent_dim is '20', not a valid int"),
+    (lambda c: c["config"].update(arch="transformer"), "its config's arch is 'transformer'"),
+    (lambda c: c["model"]["decoder.0.weight"].fill_(float("nan")), "its weight decoder.0.weight holds NaN"),
+    (lambda c: c["model"].update({"decoder.0.weight": torch.zeros(3, 3)}), "decoder.0.weight is not a torch.float32"),
+    (lambda c: c["model"].update({"decoder.0.bias": c["model"]["decoder.0.bias"].double()}), "not a torch.float32"),
+    (lambda c: set_history_field(c, "epoch", 2), "its epochs are [2], not 1 to 1"),
+    (lambda c: set_history_field(c, "test", {"loss": float("nan")}), "epoch 1 has no finite test loss"),
+    (lambda c: c["args"].update(binarize="sometimes"), "its stored flag --binarize is 'sometimes'"),
+    (lambda c: c["args"].update(lr=-1.0), "its stored flag --lr is -1.0"),
+    (lambda c: c.update(threads="two"), "says it trained on 'two' threads"),
+])
+@pytest.mark.parametrize("mode", ["--eval", "--resume"])
+def test_a_checkpoint_is_read_as_data_and_each_fault_is_one_line_naming_the_file(trained, capsys, change, words,
+                                                                                mode):
+    data_dir, out = trained
+    path = out / "checkpoints" / "vae.pt"
+    rewrite_checkpoint(path, change)
+    before = path.read_bytes()
+    code, printed = run_expecting_error(flags(data_dir, out, 2, mode), capsys)
+    assert code == 1 and str(path) in printed and words in printed, printed
+    assert path.read_bytes() == before
+
+
+def test_adam_moments_that_do_not_fit_are_one_line_on_resume(trained, capsys):
+    data_dir, out = trained
+    rewrite_checkpoint(out / "checkpoints" / "ae.pt",
+                       lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(2)))
+    code, printed = run_expecting_error(flags(data_dir, out, 2, "--resume"), capsys)
+    assert code == 1 and "ae.pt: its optimizer or random state cannot be restored" in printed, printed
+    main.main(flags(data_dir, out, 1, "--eval"))  # --eval, which needs no optimizer, still works
+
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False),
+                 st.text(max_size=5), st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                              st.integers(), max_size=2),
+                 st.builds(lambda shape: torch.randn(shape), st.lists(st.integers(0, 3), max_size=2)))
+
+
+def field_paths(checkpoint):
+    """Every place in a checkpoint where a value can be replaced: (container, key) pairs."""
+    places = [(checkpoint, key) for key in checkpoint]
+    for key in ("config", "args", "model", "rng"):
+        places += [(checkpoint[key], field) for field in checkpoint[key]]
+    places += [(record, field) for record in checkpoint["history"] for field in record]
+    places += [(record["test"], field) for record in checkpoint["history"] for field in record["test"]]
+    places += [(checkpoint["optimizer"]["state"][0], field) for field in checkpoint["optimizer"]["state"][0]]
+    return places
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), mode=st.sampled_from(["--eval", "--resume"]))
+def test_any_field_of_a_checkpoint_replaced_by_anything_gives_a_result_or_one_line(trained_once, data, mode):
+    data_dir, source = trained_once
+    out = Path(tempfile.mkdtemp())
+    shutil.copytree(source / "checkpoints", out / "checkpoints")
+    path = out / "checkpoints" / data.draw(st.sampled_from(["vae.pt", "ae.pt"]))
+    checkpoint = torch.load(path, weights_only=True)
+    container, key = data.draw(st.sampled_from(field_paths(checkpoint)))
+    container[key] = data.draw(JUNK)
+    torch.save(checkpoint, path)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main.main(flags(data_dir, out, 2, mode))
+        except SystemExit as exited:
+            assert exited.code in (1, 2), stderr.getvalue()
+            check_error_line(stderr.getvalue())
+    shutil.rmtree(out)
+
+
+def test_a_full_disk_at_the_folder_lock_is_one_line(trained, small_disk, capsys):
+    if not small_disk["mounted"]:
+        pytest.skip("no tmpfs could be mounted here, so no disk fills at the lock's own write")
+    data_dir, out = trained
+    figures = small_disk["folder"] / "figures"
+    figures.mkdir()
+    fill(small_disk)
+    code, printed = run_expecting_error([*flags(data_dir, out, 1, "--eval"), "--figure-dir", figures], capsys)
+    assert code == 1 and f"cannot write to {figures}/ (No space left on device)" in printed, printed
+
+
+def test_a_closed_pipe_ends_the_run_quietly_and_leaves_no_half_file(tmp_path):
+    data_dir = make_synthetic_mnist(tmp_path / "mnist")
+    argv = [sys.executable, str(ROOT / "main.py"), *flags(data_dir, tmp_path, 3)]
+    process = subprocess.Popen(argv, cwd=tmp_path, env=QUIET, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith("device")  # `| head -1`: one line read, then the pipe closes
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141 and stderr == "", stderr
+    no_half_written_files(tmp_path)
+    # a closed stderr, where the run has an error to say
+    process = subprocess.Popen([*argv, "--eval", "--checkpoint-dir", str(tmp_path / "none")], cwd=tmp_path, env=QUIET,
+                               text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stderr.close()
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 141 and "Traceback" not in stdout, stdout
+
+
+def test_flags_the_checkpoint_decides_are_named_an_error_for_the_model_and_a_note_for_training(trained, capsys):
+    data_dir, out = trained
+    code, printed = run_expecting_error(flags(data_dir, out, 2, "--resume", "--latent-dim", "7"), capsys)
+    assert code == 2 and printed.startswith("error: --latent-dim 7 contradicts") and "(latent_dim 20)" in printed
+    main.main(flags(data_dir, out, 2, "--resume", "--lr", "0.01", "--models", "vae"))
+    assert "note: --lr 0.01 is not used: --resume continues" in capsys.readouterr().out
+    main.main(flags(data_dir, out, 5, "--eval", "--latent-dim", "7", "--hidden-dim", "16", "--models", "vae"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, notes  # --hidden-dim 16 is the checkpoint's own: nothing to say
+    assert "--latent-dim 7 is not used: --eval evaluates" in notes[0] and "(latent_dim 20)" in notes[0]
+    assert "--epochs 5 is not used" in notes[1] and "(epochs 2)" in notes[1]
+    shown = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], capture_output=True, text=True).stdout
+    assert "a model flag that differs is an error" in " ".join(shown.split())
+
+
+def test_a_classifier_cache_of_another_dataset_or_damaged_is_one_line(tmp_path):
+    classifier = metrics.DigitClassifier()
+    metrics.save_classifier(tmp_path / "c.pt", classifier, 0.9, "fashion-mnist")
+    with pytest.raises(utils.ProjectError, match=r"trained on 'fashion-mnist', not mnist\); delete it"):
+        metrics.load_classifier(tmp_path / "c.pt", "cpu", "mnist")
+    classifier.head.weight.data.fill_(float("inf"))
+    metrics.save_classifier(tmp_path / "c.pt", classifier, 0.9, "mnist")
+    with pytest.raises(utils.ProjectError, match="head.weight holds NaN or infinite"):
+        metrics.load_classifier(tmp_path / "c.pt", "cpu", "mnist")
+
+
+def test_a_sampler_whose_codes_are_all_equal_still_scores():
+    codes = torch.ones(200, 4)
+    samples = metrics.Gaussian.fitted(codes).sample(300, seed=0)
+    assert samples.isfinite().all() and samples.std(dim=0).max() < 0.01
+    features = torch.ones(300, 8)
+    assert metrics.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
