@@ -390,8 +390,7 @@ def state_dict_problem(state, expected):
             return f"its weights do not fit its own config ({name} is not a " \
                    f"{expected[name].dtype} tensor of shape {tuple(expected[name].shape)})"
         if tensor.is_floating_point() and not tensor.isfinite().all():
-            return f"its weight {name} holds NaN or infinite values (training diverged, or the " \
-                   "file is damaged)"
+            return f"its weight {name} holds NaN or infinite values"
     return None
 
 
