@@ -483,8 +483,15 @@ def report(checkpoints, data, dataset, run_args, phases):
             scores["vae"]["test_nll_iwae"] = {"nats": nats, "samples": nll_samples}
     with phases("scoring samples"):
         samplers = metrics.make_samplers(models, train_images)
-        scores["samples"] = metrics.score_samples(samplers, classifier, test_images,
+        reference, _ = metrics.classify(classifier, test_images)  # (N, 128) features
+        scores["samples"] = metrics.score_samples(samplers, classifier, reference,
                                                   run_args.quality_samples)
+    with phases("scoring interpolations"):
+        pairs = metrics.interpolation_pairs(data["test"][1])
+        scores["interpolation"] = {
+            name: metrics.interpolation_quality(model, codes[name], data["test"][1], classifier,
+                                                reference, pairs)
+            for name, model in models.items()}
     utils.save_json(Path(run_args.figure_dir) / "metrics.json",
                     {**scores, "notes": metrics.METRICS_NOTES})
     histories = {MODEL_NAMES[kind]: checkpoints[kind]["history"] for kind in checkpoints}
@@ -518,6 +525,12 @@ def print_summary(scores, run_args):
         print(f"samples {label}: Frechet distance {sample_scores['frechet_distance']:.1f}, "
               f"{100 * sample_scores['confident_share']:.1f}% confident, class entropy "
               f"{sample_scores['class_entropy_bits']:.2f} bits")
+    for name, paths in scores["interpolation"].items():
+        print(f"interpolation {name}: midpoints' Frechet distance "
+              f"{paths['midpoint_frechet_distance']['mean']:.1f}, "
+              f"{100 * paths['in_between_confident_share']['mean']:.1f}% of frames confident, "
+              f"evenness {paths['evenness']['mean']:.3f}, "
+              f"{100 * paths['class_changes_more_than_once']['mean']:.1f}% of two-class paths change class more than once")
     for kind in run_args.models:
         m = scores[kind]
         how = f"{m['images_per_second']} images/s on {m['trained_on']}"

@@ -29,7 +29,13 @@ METRICS_NOTES = (  # what each number in metrics.json means, written into it as 
     "accuracy on test codes (VAE: posterior means); aggregate_codes: test codes (VAE: z sampled "
     "from q(z|x)) per-dimension mean and std, and the KL from a Gaussian fitted to them to "
     "N(0, I). posterior: active units (Cov over the test set of the posterior mean > 0.01) and KL "
-    "per dimension."
+    "per dimension. interpolation: the straight line between the codes of the same random pairs "
+    "of test images (VAE: posterior means), decoded at 'steps' points: the Frechet distance of "
+    "the decoded midpoints to the test set (standard_error: of 50 bootstrap resamples), the "
+    "share of in-between frames classified with confidence > 0.9, evenness (a path's largest "
+    "step in pixel space over its length, minus 1/(steps - 1): 0 for an even walk; after "
+    "Berthelot et al. 2018) and, for pairs of two classes, the share of paths whose predicted "
+    "class changes more than once; means over pairs with their standard errors."
 )
 
 
@@ -209,15 +215,21 @@ def knn_accuracy(codes, labels, k=5, batch_size=500):
 def frechet_distance(features_a, features_b):
     """||m_a - m_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two
     feature sets (N, F): the FID's formula (Heusel et al. 2017), on our small classifier's
-    features."""
-    a, b = features_a.double(), features_b.double()
-    mean_a, mean_b = a.mean(dim=0), b.mean(dim=0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    features. Either set may be given as its feature_moments, to reuse them."""
+    (mean_a, cov_a), (mean_b, cov_b) = (
+        features if isinstance(features, tuple) else feature_moments(features)
+        for features in (features_a, features_b))
     eigenvalues, eigenvectors = torch.linalg.eigh(cov_a)
     sqrt_a = eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
     # tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), whose argument is symmetric PSD
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return ((mean_a - mean_b).pow(2).sum() + torch.trace(cov_a + cov_b) - 2 * cross).item()
+
+
+def feature_moments(features):
+    """The mean (F,) and covariance (F, F) of a feature set (N, F), in float64."""
+    features = features.double()
+    return features.mean(dim=0), torch.cov(features.T)
 
 
 def histogram_entropy(predicted, num_classes=10):
@@ -354,9 +366,9 @@ def make_samplers(models, train_images):
     return samplers
 
 
-def score_samples(samplers, classifier, test_images, count):
-    """Frechet distance, confident share and class entropy of `count` samples of each sampler."""
-    reference, _ = classify(classifier, test_images)
+def score_samples(samplers, classifier, reference, count):
+    """Frechet distance, confident share and class entropy of `count` samples of each sampler;
+    reference: the classifier's features of the test images."""
     scores = {}
     for label, (model, gaussian) in samplers.items():
         samples = decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
@@ -365,6 +377,61 @@ def score_samples(samplers, classifier, test_images, count):
                                      "weights overflow); retrain it with a lower --lr")
         scores[label] = sample_quality(classifier, samples, reference)
     return scores
+
+
+def interpolation_pairs(labels, count=1000, seed=0):
+    """(count, 2) indices of distinct test images, the same for every model and every run."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(labels), generator=generator)[:2 * count].reshape(-1, 2)
+
+
+@torch.inference_mode()
+def interpolation_quality(model, codes, labels, classifier, reference_features, pairs, *,
+                          steps=16, seed=0):
+    """How a model's straight latent paths between pairs of test codes decode (after Berthelot
+    et al. 2018, ACAI): realism (the Frechet distance of the decoded midpoints to the test set,
+    the share of in-between frames classified with confidence > 0.9), evenness (each path's
+    largest step in pixel space over its length, minus 1/(steps - 1): 0 for an even walk) and
+    the share of paths between digits of two classes whose predicted class changes more than
+    once. Means with their standard errors; the Frechet distance with a bootstrap's."""
+    ends = codes[pairs.to(codes.device)]  # (P, 2, D)
+    t = torch.linspace(0, 1, steps, device=codes.device)[None, :, None]  # (1, steps, 1)
+    path = (1 - t) * ends[:, :1] + t * ends[:, 1:]  # (P, steps, D)
+    frames = decode_images(model, path.flatten(0, 1)).flatten(1).reshape(len(pairs), steps, -1)
+    step_sizes = (frames[:, 1:] - frames[:, :-1]).norm(dim=2)  # (P, steps - 1)
+    evenness = step_sizes.max(dim=1).values / step_sizes.sum(dim=1).clamp(min=1e-12)
+    _, probabilities = classify(classifier, frames.flatten(0, 1))
+    confidence, predicted = probabilities.reshape(len(pairs), steps, -1).max(dim=2)
+    changes = (predicted[:, 1:] != predicted[:, :-1]).sum(dim=1)  # (P,)
+    two_classes = labels[pairs[:, 0]] != labels[pairs[:, 1]]
+    midpoints = decode_images(model, ends.mean(dim=1)).flatten(1)
+    features, _ = classify(classifier, midpoints)
+    return {
+        "pairs": len(pairs), "steps": steps,
+        "midpoint_frechet_distance": with_bootstrap(features, reference_features, seed=seed),
+        "in_between_confident_share": mean_and_error((confidence[:, 1:-1] > 0.9).float().mean(1)),
+        "evenness": mean_and_error(evenness - 1 / (steps - 1)),
+        "class_changes_more_than_once": mean_and_error(
+            (changes[two_classes.to(changes.device)] > 1).float()),
+    }
+
+
+def mean_and_error(values):
+    """{"mean", "standard_error"} of one value per pair (P,)."""
+    values = values.double()
+    return {"mean": values.mean().item(), "standard_error": (values.std() / len(values) ** 0.5)
+            .item()}
+
+
+def with_bootstrap(features, reference_features, *, resamples=50, seed=0):
+    """The Frechet distance of `features` to the reference and its spread: the standard
+    deviation over `resamples` bootstrap resamples of `features`."""
+    generator, reference = torch.Generator().manual_seed(seed), feature_moments(reference_features)
+    draws = [frechet_distance(features[torch.randint(len(features), (len(features),),
+                                                     generator=generator)], reference)
+             for _ in range(resamples)]
+    return {"mean": frechet_distance(features, reference),
+            "standard_error": torch.tensor(draws, dtype=torch.float64).std().item()}
 
 
 STUDY_COLUMNS = [("mse", "MSE per pixel"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"),

@@ -603,6 +603,8 @@ def draw_arrows(ax, filled):
         arrow(ax, head, "data", start=(1, 0.5), end=(0.97, top), arrowstyle="-", shrinkB=0,
               **orange)
         ax.plot([0.97, 0.97], [top, bottom], **orange)
+        ax.text(0.985, (top + bottom) / 2, r"$\mu$ and $\log\sigma^2$", rotation=90, ha="center",
+                va="center", fontsize=9, color="#d9822b")  # the KL term reads both heads
         arrow(ax, "data", term, start=(0.97, bottom), end=(1, 0.5), shrinkA=0, **orange)
 
 

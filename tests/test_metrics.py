@@ -197,3 +197,51 @@ def test_a_damaged_classifier_cache_says_to_delete_it(tmp_path):
     with pytest.raises(utils.ProjectError, match="classifier-mnist.pt is not a readable checkpoint.*delete it"):
         metrics.scoring_classifier("mnist", data, utils.Phases())
     assert path.read_bytes() == b"not a checkpoint"  # left as it was
+
+
+class PathDecoder(nn.Module):
+    """decode(z) for 1-D codes in [0, 1]: every pixel's intensity 0.2 + 0.6 z (an even walk), or with jump=True
+    pixel 0 bright below z = 0.5 and pixel 1 from there on (one step, one change of class)."""
+
+    def __init__(self, jump):
+        super().__init__()
+        self.jump = jump
+
+    def decode(self, z):
+        if self.jump:
+            images = torch.full((len(z), 784), 0.01)
+            images[:, 0] = torch.where(z[:, 0] < 0.5, 0.99, 0.01)
+            images[:, 1] = torch.where(z[:, 0] < 0.5, 0.01, 0.99)
+        else:
+            images = (0.2 + 0.6 * z[:, :1]).expand(-1, 784)
+        return torch.logit(images)
+
+
+class FirstTenPixels(nn.Module):
+    """A stand-in classifier: features are the first ten pixels, and the brightest one is the class."""
+    head = nn.Identity()
+
+    def features(self, x):
+        return 20 * x[:, :10]
+
+
+@pytest.mark.parametrize("jump, evenness, changes", [(False, 0.0, 0.0), (True, 1 - 1 / 15, 0.0)])
+def test_interpolation_quality_known_answers(jump, evenness, changes):
+    codes = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    labels = torch.tensor([0, 1, 2, 3])
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    scores = metrics.interpolation_quality(PathDecoder(jump), codes, labels, FirstTenPixels(), torch.rand(50, 10),
+                                           pairs)
+    assert scores["evenness"]["mean"] == pytest.approx(evenness, abs=1e-5)
+    assert scores["evenness"]["standard_error"] == pytest.approx(0.0, abs=1e-5)
+    assert scores["class_changes_more_than_once"]["mean"] == changes  # a jump changes the class once
+    confident = 1.0 if jump else 0.0  # softmax of 20 * (0.99 - 0.01) is sure; an even grey one is not
+    assert scores["in_between_confident_share"]["mean"] == confident
+    assert math.isfinite(scores["midpoint_frechet_distance"]["mean"])
+
+
+def test_interpolation_pairs_are_fixed_and_distinct():
+    labels = torch.arange(5000) % 10
+    pairs = metrics.interpolation_pairs(labels)
+    assert pairs.shape == (1000, 2) and torch.equal(pairs, metrics.interpolation_pairs(labels))
+    assert (pairs[:, 0] != pairs[:, 1]).all() and len(pairs.flatten().unique()) == 2000
