@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint_files
 import metrics
 import plots
 import utils
@@ -265,7 +266,7 @@ def train_models(args, checkpoints, data, device, phases, stop):
 def start_training(kind, args, checkpoint, device):
     """A new model, its weights drawn from --seed, with its optimizer and generators; or the
     one `checkpoint` holds."""
-    path = utils.checkpoint_path(args.checkpoint_dir, kind)
+    path = checkpoint_files.checkpoint_path(args.checkpoint_dir, kind)
     if checkpoint is not None:
         return resume_training(kind, path, checkpoint, args, device)
     torch.manual_seed(args.seed)  # each model's initial weights from the seed, whichever is first
@@ -331,13 +332,14 @@ def fit(trainee, args, data, stop, bar_position=None):
         except NonFiniteLoss as failure:
             raise utils.ProjectError(
                 f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step} "
-                f"(lr {lr:g}); {utils.saved_epochs([trainee.path])}; try a lower --lr") from None
+                f"(lr {lr:g}); {checkpoint_files.saved_epochs([trainee.path])}; try a lower "
+                "--lr") from None
         if train_parts is None:
             raise utils.Stopped(stop.signal_name)
         trainee.history.append(epoch_record(trainee.model, epoch, train_parts, test_targets,
                                             data["test"][0], started))
         trainee.checkpoint = checkpoint_of(trainee, args.epochs, test_targets.device)
-        utils.save_checkpoint(trainee.path, trainee.checkpoint)
+        checkpoint_files.save_checkpoint(trainee.path, trainee.checkpoint)
         print_epoch(name, trainee.history[-1], args.epochs)
     return trainee.checkpoint
 
@@ -495,7 +497,8 @@ def report(checkpoints, data, dataset, run_args, phases):
     utils.save_json(Path(run_args.figure_dir) / "metrics.json",
                     {**scores, "notes": metrics.METRICS_NOTES})
     histories = {MODEL_NAMES[kind]: checkpoints[kind]["history"] for kind in checkpoints}
-    configs = {MODEL_NAMES[kind]: ModelConfig(**checkpoints[kind]["config"]) for kind in checkpoints}
+    configs = {MODEL_NAMES[kind]: ModelConfig(**checkpoint["config"])
+               for kind, checkpoint in checkpoints.items()}
     plots.draw_figures(models, configs, codes, samplers, histories, scores, data, dataset,
                        run_args.figure_dir, phases)
     return scores
@@ -530,7 +533,8 @@ def print_summary(scores, run_args):
               f"{paths['midpoint_frechet_distance']['mean']:.1f}, "
               f"{100 * paths['in_between_confident_share']['mean']:.1f}% of frames confident, "
               f"evenness {paths['evenness']['mean']:.3f}, "
-              f"{100 * paths['class_changes_more_than_once']['mean']:.1f}% of two-class paths change class more than once")
+              f"{100 * paths['class_changes_more_than_once']['mean']:.1f}% of two-class paths "
+              "change class more than once")
     for kind in run_args.models:
         m = scores[kind]
         how = f"{m['images_per_second']} images/s on {m['trained_on']}"
@@ -586,17 +590,17 @@ def saved_checkpoints(run_args):
     """The checkpoints --eval evaluates (those of --models, or all in the folder) or --resume
     continues, each checked now, before any training."""
     folder = run_args.checkpoint_dir
-    saved = [kind for kind in MODEL_NAMES if utils.checkpoint_path(folder, kind).is_file()]
+    paths = {kind: checkpoint_files.checkpoint_path(folder, kind) for kind in MODEL_NAMES}
+    saved = [kind for kind, path in paths.items() if path.is_file()]
     if run_args.models is None:  # --eval: what the folder holds (or both, to name one missing)
         run_args.models = saved if run_args.eval and saved else list(MODEL_NAMES)
     if not (run_args.eval or run_args.resume):
         return {}
     # --resume continues what is there; a model with no checkpoint yet starts afresh
     kinds = run_args.models if run_args.eval else [k for k in run_args.models if k in saved]
-    checkpoints = {kind: utils.load_checkpoint(utils.checkpoint_path(folder, kind))
-                   for kind in kinds}
+    checkpoints = {kind: checkpoint_files.load_checkpoint(paths[kind]) for kind in kinds}
     for kind, checkpoint in checkpoints.items():  # a damaged or wrong one fails now
-        check_stored_flags(checkpoint, utils.checkpoint_path(folder, kind))
+        checkpoint_files.check_stored_flags(checkpoint, paths[kind], build_parser())
         restore_model(checkpoint, kind, folder, torch.device("cpu"))
     return checkpoints
 
@@ -613,7 +617,7 @@ def name_decided_flags(run_args, checkpoints):
         for flag in flags:
             given = getattr(run_args, flag)
             if flag in run_args.given and flag in stored and stored[flag] != given:
-                path = utils.checkpoint_path(run_args.checkpoint_dir, kind)
+                path = checkpoint_files.checkpoint_path(run_args.checkpoint_dir, kind)
                 decided.setdefault((flag, stored[flag], given), []).append(str(path))
     for (flag, value, given), paths in decided.items():
         option, files = f"--{flag.replace('_', '-')}", " and ".join(paths)
@@ -643,15 +647,15 @@ def stored_flags(checkpoint):
 def restore_model(checkpoint, kind, checkpoint_dir, device):
     """Rebuild the model of `kind` that `checkpoint` (from `checkpoint_dir`) holds, from its
     own config, each part checked as data first; return (config, model)."""
-    path = utils.checkpoint_path(checkpoint_dir, kind)
-    config = utils.dataclass_from(ModelConfig, checkpoint["config"], path,
+    path = checkpoint_files.checkpoint_path(checkpoint_dir, kind)
+    config = checkpoint_files.dataclass_from(ModelConfig, checkpoint["config"], path,
                                   choices={"kind": list(MODEL_NAMES), "arch": ARCHITECTURES})
     if config.kind != kind:
         raise utils.ProjectError(f"{path} holds the {config.kind.upper()} model, not the "
                                  f"{kind.upper()}; restore the right file or retrain with "
                                  f"--models {kind}")
     model = build_model(config)
-    problem = utils.state_dict_problem(checkpoint["model"], model.state_dict())
+    problem = checkpoint_files.state_dict_problem(checkpoint["model"], model.state_dict())
     if problem is None and any("codes" in record and record["codes"].shape[1] != config.latent_dim
                                for record in checkpoint["history"]):
         problem = f"its history holds codes that are not {config.latent_dim}-D"
@@ -660,36 +664,6 @@ def restore_model(checkpoint, kind, checkpoint_dir, device):
                                  "version: retrain, or restore it")
     model.load_state_dict(checkpoint["model"])
     return config, model.to(device)
-
-
-def check_stored_flags(checkpoint, path):
-    """The training flags a checkpoint stores, each checked as the command line's are."""
-    stored = checkpoint.get("args", {})
-    problem = None if isinstance(stored, dict) else "its training flags are not a dict"
-    for action in build_parser()._actions:
-        if problem is None and action.dest in stored \
-                and not flag_accepts(action, stored[action.dest]):
-            problem = f"its stored flag {action.option_strings[0]} is {utils.brief(stored[action.dest])}"
-    if problem is None and not checkpoint["history"]:
-        problem = "holds no trained epoch"
-    if problem:
-        raise utils.ProjectError(f"{path}: {problem}; the file is damaged or from another "
-                                 "version: retrain, or restore it")
-
-
-def flag_accepts(action, value):
-    """Whether the flag of `action` takes `value`, as parsed from a command line would be."""
-    values = value if isinstance(value, list) and action.nargs else [value]
-    if value is None or isinstance(value, bool):
-        return value == action.default or action.nargs is not None or action.const is not None
-    for item in values:
-        try:
-            parsed = (action.type or str)(str(item))
-        except (argparse.ArgumentTypeError, ValueError, TypeError):
-            return False
-        if parsed != item or (action.choices is not None and item not in action.choices):
-            return False
-    return True
 
 
 def training_record(checkpoint, num_train_images):
@@ -756,9 +730,10 @@ def stop_message(signal_name, phase, args):
     if args.eval:
         return (f"stopped by {signal_name} while {phase}; the checkpoints are untouched; run the "
                 "same command again")
-    paths = [utils.checkpoint_path(run_args.checkpoint_dir, kind)
+    paths = [checkpoint_files.checkpoint_path(run_args.checkpoint_dir, kind)
              for run_args in run_folders(args) for kind in args.models or MODEL_NAMES]
-    return (f"stopped by {signal_name} while {phase}; {utils.saved_epochs(paths)}; continue "
+    return (f"stopped by {signal_name} while {phase}; {checkpoint_files.saved_epochs(paths)}; "
+            "continue "
             f"with: python main.py {' '.join(args.argv)} --resume")
 
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models import bernoulli_nll_per_image, kl_per_dimension, reparameterize
+import checkpoint_files
 import utils
+from models import bernoulli_nll_per_image, kl_per_dimension, reparameterize
 from utils import IMAGE_SIDE
 
 CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
@@ -289,14 +290,14 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
 def load_classifier(path, device, dataset="mnist"):
     """The cached scoring classifier of `dataset` at `path`, and its test accuracy, each checked
     as data: the weights of this classifier, finite, trained on that dataset."""
-    checkpoint = utils.load_checkpoint(path, fix="delete it and it is retrained")
+    checkpoint = checkpoint_files.load_checkpoint(path, fix="delete it and it is retrained")
     classifier = DigitClassifier()
     accuracy, trained_on = checkpoint.get("test_accuracy"), checkpoint.get("dataset", dataset)
-    problem = utils.state_dict_problem(checkpoint["model"], classifier.state_dict())
-    if not (utils.is_finite_number(accuracy) and 0 <= accuracy <= 1):
-        problem = f"its test accuracy is {utils.brief(accuracy)}"
+    problem = checkpoint_files.state_dict_problem(checkpoint["model"], classifier.state_dict())
+    if not (checkpoint_files.is_finite_number(accuracy) and 0 <= accuracy <= 1):
+        problem = f"its test accuracy is {checkpoint_files.brief(accuracy)}"
     if trained_on != dataset:  # caches written before the field was stored are taken as named
-        problem = f"it was trained on {utils.brief(trained_on)}, not {dataset}"
+        problem = f"it was trained on {checkpoint_files.brief(trained_on)}, not {dataset}"
     if problem:
         raise utils.ProjectError(f"{path} does not hold this project's {dataset} classifier "
                                  f"({problem}); delete it and it is retrained")
@@ -305,7 +306,7 @@ def load_classifier(path, device, dataset="mnist"):
 
 
 def save_classifier(path, classifier, accuracy, dataset):
-    utils.save_checkpoint(path, {"config": {"kind": "classifier"}, "dataset": dataset,
+    checkpoint_files.save_checkpoint(path, {"config": {"kind": "classifier"}, "dataset": dataset,
                                  "model": classifier.state_dict(), "history": [],
                                  "test_accuracy": accuracy})
 

@@ -128,7 +128,8 @@ def plot_interpolation(models, codes, images, labels, dataset, path, *, steps=10
     for row, (name, model, (a, b)) in enumerate(rows):
         ends = codes[name][[a, b]]  # (2, latent_dim)
         t = torch.linspace(0, 1, steps, device=ends.device)[:, None]  # (steps, 1)
-        path_images = metrics.decode_images(model, (1 - t) * ends[0] + t * ends[1])  # (steps, 1, 28, 28)
+        line = (1 - t) * ends[0] + t * ends[1]  # (steps, latent_dim)
+        path_images = metrics.decode_images(model, line)  # (steps, 1, 28, 28)
         real = images[[a, b]].reshape(2, 1, IMAGE_SIDE, IMAGE_SIDE)
         show(axes[row, 0], grid_image(real[:1], 1), dataset.classes[labels[a]])
         show(axes[row, 1], grid_image(path_images, steps),
@@ -144,7 +145,8 @@ def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
     """The first `count` test images and each model's reconstruction: its decoded code (VAE:
     the posterior mean)."""
     rows = [("real", images[:count].reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE))]
-    rows += [(name, metrics.decode_images(model, codes[name][:count])) for name, model in models.items()]
+    rows += [(name, metrics.decode_images(model, codes[name][:count]))
+             for name, model in models.items()]
     figure = Figure(figsize=(12, 1.0 * len(rows) + 0.6), layout="constrained")
     axes = np.atleast_1d(figure.subplots(len(rows), 1))
     for ax, (name, row_images) in zip(axes, rows):

@@ -1,13 +1,13 @@
 """Plumbing, never a model or a score: the IDX files and datasets, devices, files written whole
-(checkpoints, JSON, figures) in locked folders, signals, the table of phases, and ProjectError,
-the one-line error a user can fix. Imports nothing of this project; nothing runs on import."""
+(JSON, figures, and through checkpoints.py the checkpoints) in locked folders, threads, signals,
+the table of phases, and ProjectError, the one-line error a user can fix. Imports nothing of this
+project; nothing runs on import."""
 import contextlib
 import dataclasses
 import gzip
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -234,7 +234,7 @@ def is_out_of_memory(error):
             or "can't allocate memory" in text or "out of memory" in text)
 
 
-# ------------------------------------------------ checkpoints and files: atomic, in locked folders
+# ----------------------------------------------------------- files: written whole, in locked folders
 
 def write_atomically(path, write):
     """Call write(temporary_path), then rename it over `path`: a crash, kill -9 or full disk
@@ -250,160 +250,6 @@ def write_atomically(path, write):
         raise ProjectError(f"cannot write {path} ({error.strerror or error}); {kept}") from None
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def checkpoint_path(checkpoint_dir, kind):
-    return Path(checkpoint_dir) / f"{kind}.pt"
-
-
-def save_checkpoint(path, checkpoint):
-    def write(temporary):
-        with open(temporary, "wb") as file:  # a file, not a path: a full disk raises OSError
-            torch.save(checkpoint, file)
-    write_atomically(path, write)
-
-
-def load_checkpoint(path, *, fix="retrain or restore it"):
-    """Load a checkpoint dict. weights_only=True loads tensors and plain data only, so a file
-    from elsewhere cannot run code. `fix` ends the message about a file that is unusable."""
-    path = Path(path)
-    if not path.is_file():
-        folder = "" if path.parent == Path("checkpoints") else f" --checkpoint-dir {path.parent}"
-        raise ProjectError(f"no checkpoint at {path}; train one there first with `python main.py"
-                           f"{folder}`, or point --checkpoint-dir at a folder that has one")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        code = re.search(r"GLOBAL (\S+)", str(error))
-        if code:  # a pickle that would import and call something while it is loaded
-            raise ProjectError(f"{path} was refused: loading it would call {code.group(1)}, and "
-                               f"only tensors and plain data are loaded; {fix}") from None
-        raise ProjectError(f"{path} is not a readable checkpoint ({first_line(error, 80)}); "
-                           f"{fix}") from None
-    problem = checkpoint_problem(checkpoint)
-    if problem:
-        raise ProjectError(f"{path} {problem}; {fix}")
-    return checkpoint
-
-
-def checkpoint_problem(checkpoint):
-    """What makes a loaded checkpoint unusable, in a few words (None: nothing). Checks its shape
-    as data: the config and weights as dicts, the history as epochs 1, 2, ... of finite numbers.
-    What the config and the weights must hold is checked where the model is rebuilt."""
-    if not isinstance(checkpoint, dict) or not {"config", "model", "history"} <= checkpoint.keys():
-        return "is not a checkpoint of this project"
-    if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["model"], dict):
-        return "is not a checkpoint of this project (its config or weights are not a dict)"
-    history = checkpoint["history"]
-    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
-        return "has a damaged history (not a list of epochs)"
-    epochs = [record.get("epoch") for record in history]
-    if [type(epoch) for epoch in epochs] != [int] * len(epochs) \
-            or epochs != list(range(1, len(history) + 1)):
-        return f"has a damaged history: its epochs are {brief(epochs)}, not 1 to {len(history)}"
-    for record in history:
-        problem = epoch_record_problem(record)
-        if problem:
-            return f"has a damaged history: epoch {record['epoch']} {problem}"
-    if "epoch" in checkpoint and not (isinstance(checkpoint["epoch"], int)
-                                      and checkpoint["epoch"] == len(history)):
-        return f"says it holds epoch {brief(checkpoint['epoch'])} but its history has {len(history)}"
-    if not isinstance(checkpoint.get("device", ""), str):
-        return f"names its device {brief(checkpoint['device'])}, not a device's name"
-    threads = checkpoint.get("threads")
-    if threads is not None and not (isinstance(threads, int) and threads >= 1):
-        return f"says it trained on {brief(threads)} threads"
-    return None
-
-
-def epoch_record_problem(record):
-    """What is wrong with one epoch of a history, or None."""
-    for split in ("train", "test"):
-        losses = record.get(split)
-        if not isinstance(losses, dict) or "loss" not in losses or not all(
-                map(is_finite_number, losses.values())):
-            return f"has no finite {split} loss"
-    for key in ("train_seconds", "epoch_seconds"):
-        if not (is_finite_number(record.get(key)) and record[key] > 0):
-            return f"has no {key.replace('_', ' ')}"
-    codes = record.get("codes", torch.zeros(0, 1))
-    if not (isinstance(codes, torch.Tensor) and codes.ndim == 2 and codes.is_floating_point()
-            and codes.isfinite().all()):
-        return "holds test codes that are not a finite (N, D) tensor"
-    return None
-
-
-def brief(value, limit=40):
-    """A value read from a file, for a one-line message: its repr on one line, cut short; a
-    tensor by its shape."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def is_finite_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def dataclass_from(cls, values, path, choices):
-    """cls(**values) for a dict read from `path`, checked as data: each field known to cls, of its
-    type (an int for a float is fine), numbers positive and finite, strings among `choices`
-    ({field: allowed values}). A field missing from `values` takes its default, so that files
-    written before a field was added still load."""
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    unknown = [name for name in values if name not in fields]
-    if unknown:
-        raise ProjectError(f"{path}: its config has a field this version does not know "
-                           f"({brief(unknown[0])}; a newer version of this project wrote it?) and cannot "
-                           "use; evaluate it with the version that wrote it, or retrain")
-    for name, field in fields.items():
-        if name not in values and field.default is dataclasses.MISSING:
-            raise ProjectError(f"{path}: its config lacks the field {name!r}; the file is damaged "
-                               "or from another project: retrain")
-        if name in values and not field_value_fits(values[name], field.type, choices.get(name)):
-            raise ProjectError(f"{path}: its config's {name} is {brief(values[name])}, not a valid "
-                               f"{field.type.__name__}; the file is damaged: retrain")
-    return cls(**values)
-
-
-def field_value_fits(value, kind, choices=None):
-    if kind is str:
-        return isinstance(value, str) and (choices is None or value in choices)
-    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-        return False
-    return is_finite_number(value) and value > 0
-
-
-def state_dict_problem(state, expected):
-    """What keeps the tensors `state` (read from a file) from being loaded where `expected` (a
-    model's own state_dict) stands, in a few words, or None: a name missing or extra, a tensor of
-    another shape or dtype, a value that is NaN or infinite."""
-    missing = [name for name in expected if name not in state]
-    extra = [name for name in state if name not in expected]
-    if missing or extra:
-        return f"its weights do not fit its own config ({(missing or extra)[0]} is " \
-               f"{'missing' if missing else 'extra'})"
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape \
-                or tensor.dtype != expected[name].dtype:
-            return f"its weights do not fit its own config ({name} is not a " \
-                   f"{expected[name].dtype} tensor of shape {tuple(expected[name].shape)})"
-        if tensor.is_floating_point() and not tensor.isfinite().all():
-            return f"its weight {name} holds NaN or infinite values"
-    return None
-
-
-def saved_epochs(paths):
-    """What the checkpoint files `paths` hold, read from the disk: "ck/vae.pt holds epoch 3"."""
-    held = []
-    for path in map(Path, paths):
-        if path.is_file():
-            try:
-                held.append(f"{path} holds epoch {len(load_checkpoint(path)['history'])}")
-            except ProjectError:
-                held.append(f"{path} is unreadable")
-    return "; ".join(held) or "no checkpoint is saved yet"
 
 
 def save_json(path, data):

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint_files
 import main
 import metrics
 import plots
@@ -45,7 +46,7 @@ def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_p
         assert on_disk[kind]["config"]["latent_dim"] == 20 and on_disk[kind]["epochs"] == 1
         assert on_disk[kind]["test"] == trained[kind]["test"] == evaluated[kind]["test"]
         # one test loss per model and epoch: the epoch line's is the report's (side by side, on other threads)
-        last_epoch = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / f"{kind}.pt")["history"][-1]["test"]
+        last_epoch = checkpoint_files.load_checkpoint(tmp_path / "run" / "checkpoints" / f"{kind}.pt")["history"][-1]["test"]
         assert last_epoch["loss"] == pytest.approx(on_disk[kind]["test"]["loss"], rel=1e-6)
     assert on_disk["vae"]["test_nll_iwae"] == trained["vae"]["test_nll_iwae"] == evaluated["vae"]["test_nll_iwae"]
     assert on_disk["samples"] == trained["samples"] == evaluated["samples"]
@@ -60,7 +61,7 @@ def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_p
 
 def trained_weights(data_dir, out, *options):
     main.main(flags(data_dir, out, "--models", "vae", "--hidden-dim", "16", *options))
-    return utils.load_checkpoint(out / "checkpoints" / "vae.pt")["model"]
+    return checkpoint_files.load_checkpoint(out / "checkpoints" / "vae.pt")["model"]
 
 
 def test_same_seed_gives_identical_weights(synthetic_mnist, tmp_path):
@@ -87,8 +88,8 @@ def test_a_model_trains_beside_the_other_as_alone_on_the_same_threads(synthetic_
     finally:
         torch.set_num_threads(threads)
     for kind in kinds:
-        both = utils.load_checkpoint(tmp_path / "both" / "checkpoints" / f"{kind}.pt")
-        alone = utils.load_checkpoint(tmp_path / kind / "checkpoints" / f"{kind}.pt")
+        both = checkpoint_files.load_checkpoint(tmp_path / "both" / "checkpoints" / f"{kind}.pt")
+        alone = checkpoint_files.load_checkpoint(tmp_path / kind / "checkpoints" / f"{kind}.pt")
         assert all(torch.equal(both["model"][name], alone["model"][name]) for name in both["model"]), kind
         assert [record["test"] for record in both["history"]] == [record["test"] for record in alone["history"]]
 
@@ -117,12 +118,12 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     model(torch.rand(2, 784))[0].backward()
     optimizer.step()
     path = tmp_path / "ck" / "vae.pt"
-    utils.save_checkpoint(path, {"config": vars(config), "model": model.state_dict(),
+    checkpoint_files.save_checkpoint(path, {"config": vars(config), "model": model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "epoch": 3, "history": [
                                      {"epoch": epoch, "train": {"loss": 1.0}, "test": {"loss": 1.0},
                                       "train_seconds": 1.0, "epoch_seconds": 1.0} for epoch in (1, 2, 3)],
                                  "args": {"seed": 0, "models": ["vae"], "device": "auto"}})
-    loaded = utils.load_checkpoint(path)
+    loaded = checkpoint_files.load_checkpoint(path)
     rebuilt = build_model(ModelConfig(**loaded["config"]))
     rebuilt.load_state_dict(loaded["model"])
     x = torch.rand(5, 784)
@@ -201,7 +202,7 @@ def test_latent_study_keeps_each_run_apart_and_compares_them(synthetic_mnist, tm
     study_flags = flags(synthetic_mnist, tmp_path, "--hidden-dim", "16", "--epochs", "2", "--latent-study", "2", "3")
     trained = main.main(study_flags)
     for size in (2, 3):
-        checkpoint = utils.load_checkpoint(tmp_path / "checkpoints" / f"latent-{size}" / "vae.pt")
+        checkpoint = checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / f"latent-{size}" / "vae.pt")
         assert checkpoint["config"]["latent_dim"] == size
         assert (tmp_path / "figures" / f"latent-{size}" / "metrics.json").is_file()
         with Image.open(tmp_path / "figures" / f"latent-{size}" / "latent_evolution.gif") as gif:
@@ -285,10 +286,10 @@ def test_no_checkpoint_advice_trains_into_the_folder_asked_for(tmp_path, capsys,
 def test_each_module_imports_only_the_ones_below_it():
     import ast
 
-    order = ["utils", "models", "metrics", "plots", "main"]  # models and utils import none of the project
+    order = ["utils", "checkpoint_files", "models", "metrics", "plots", "main"]  # models imports none of the project
     for position, name in enumerate(order):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        above = set(order[position:]) | ({"models"} if name == "utils" else set())
+        above = set(order[position:]) | ({"utils", "checkpoint_files"} if name == "models" else set())
         assert not imported & above, f"{name}.py imports {imported & above}"

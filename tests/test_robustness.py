@@ -23,6 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import checkpoint_files
 import main
 import metrics
 import models
@@ -40,7 +41,7 @@ def flags(data_dir, out, epochs, *extra):
 
 
 def weights(out, kind):
-    return utils.load_checkpoint(out / "checkpoints" / f"{kind}.pt")["model"]
+    return checkpoint_files.load_checkpoint(out / "checkpoints" / f"{kind}.pt")["model"]
 
 
 def start_main(argv, cwd):
@@ -60,7 +61,7 @@ def no_half_written_files(folder):
     for path in folder.rglob("*"):
         assert not path.name.endswith(".tmp"), path
         if path.suffix == ".pt":
-            utils.load_checkpoint(path)
+            checkpoint_files.load_checkpoint(path)
         if path.suffix == ".json":
             json.loads(path.read_text())
 
@@ -74,7 +75,7 @@ def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, op
     for kind in ["vae", "ae"]:
         straight, resumed = weights(tmp_path / "straight", kind), weights(tmp_path / "resumed", kind)
         assert all(torch.equal(straight[name], resumed[name]) for name in straight), kind
-    history = utils.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "vae.pt")["history"]
+    history = checkpoint_files.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "vae.pt")["history"]
     assert [record["epoch"] for record in history] == [1, 2, 3, 4]
 
 
@@ -91,10 +92,10 @@ def test_a_signal_in_training_keeps_the_last_epoch_says_so_and_the_run_resumes(t
     printed = check_error_line(stderr)
     assert printed.startswith(f"error: stopped by {signal.Signals(signal_number).name} while training")
     assert "--resume" in printed
-    saved_epochs = utils.load_checkpoint(checkpoint)["epoch"]
+    saved_epochs = checkpoint_files.load_checkpoint(checkpoint)["epoch"]
     assert f"vae.pt holds epoch {saved_epochs};" in printed  # what the line claims is what the disk holds
     main.main(flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume"))
-    assert utils.load_checkpoint(checkpoint)["epoch"] == saved_epochs + 1
+    assert checkpoint_files.load_checkpoint(checkpoint)["epoch"] == saved_epochs + 1
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +158,10 @@ def test_kill_9_at_any_moment_leaves_checkpoints_that_load_and_a_run_that_resume
             "vae.pt", "ae.pt", "classifier-mnist.pt"}
         for kind in ["vae", "ae"]:
             if (checkpoints / f"{kind}.pt").exists():
-                assert utils.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] >= 1
-    epochs = max(utils.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] for kind in ["vae", "ae"]) + 1
+                assert checkpoint_files.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] >= 1
+    epochs = max(checkpoint_files.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] for kind in ["vae", "ae"]) + 1
     main.main(flags(data_dir, out, epochs, "--hidden-dim", "400", "--resume"))  # the lock of the killed run is free
-    assert all(utils.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] == epochs for kind in ["vae", "ae"])
+    assert all(checkpoint_files.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] == epochs for kind in ["vae", "ae"])
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_previous_checkpoint_and_fig
     with pytest.raises(utils.ProjectError, match="manifold.png keeps its previous contents"):
         utils.save_figure(plots.Figure(), out / "figures" / "manifold.png")
     assert {path: path.read_bytes() for path in before} == before
-    assert utils.load_checkpoint(out / "checkpoints" / "vae.pt")["epoch"] == 1
+    assert checkpoint_files.load_checkpoint(out / "checkpoints" / "vae.pt")["epoch"] == 1
     assert not [path for path in out.rglob("*.tmp")]
 
 
@@ -267,7 +268,7 @@ def test_a_model_failing_beside_the_other_stops_both_and_names_itself(synthetic_
     assert code == 1 and printed.startswith("error: VAE loss became NaN")
     assert not (tmp_path / "checkpoints" / "vae.pt").exists()
     ae_checkpoint = tmp_path / "checkpoints" / "ae.pt"
-    assert not ae_checkpoint.exists() or utils.load_checkpoint(ae_checkpoint)["epoch"] < 500  # stopped, not finished
+    assert not ae_checkpoint.exists() or checkpoint_files.load_checkpoint(ae_checkpoint)["epoch"] < 500  # stopped, not finished
 
 
 def test_bf16_where_it_cannot_run_fails_and_where_it_would_be_slow_says_so(monkeypatch, capsys):
