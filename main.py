@@ -609,7 +609,7 @@ def name_decided_flags(run_args, checkpoints):
     """The flags given on the command line that the checkpoints decide instead, named in one line
     each: with --resume a model flag that differs is an error (the weights are that model), a
     training flag a note (the run continues exactly as it began); --eval uses neither."""
-    decided = {}  # (flag, the checkpoint's value) -> the files
+    decided = {}  # (flag, the checkpoint's value, the given value) -> the files
     for kind, checkpoint in checkpoints.items():
         stored = {**checkpoint["config"], **stored_flags(checkpoint),
                   "epochs": len(checkpoint["history"])}
@@ -648,8 +648,9 @@ def restore_model(checkpoint, kind, checkpoint_dir, device):
     """Rebuild the model of `kind` that `checkpoint` (from `checkpoint_dir`) holds, from its
     own config, each part checked as data first; return (config, model)."""
     path = checkpoint_files.checkpoint_path(checkpoint_dir, kind)
-    config = checkpoint_files.dataclass_from(ModelConfig, checkpoint["config"], path,
-                                  choices={"kind": list(MODEL_NAMES), "arch": ARCHITECTURES})
+    config = checkpoint_files.dataclass_from(
+        ModelConfig, checkpoint["config"], path,
+        choices={"kind": list(MODEL_NAMES), "arch": ARCHITECTURES})
     if config.kind != kind:
         raise utils.ProjectError(f"{path} holds the {config.kind.upper()} model, not the "
                                  f"{kind.upper()}; restore the right file or retrain with "
