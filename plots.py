@@ -21,7 +21,7 @@ from torch import nn
 
 import metrics
 import utils
-from models import build_model
+from models import ResBlock, SelfAttention, build_model
 from utils import IMAGE_SIDE
 
 
@@ -480,7 +480,7 @@ def architecture_figure(configs):
     figure = Figure(figsize=(5.6 * len(names), height), layout="constrained")
     for ax, name in zip(np.atleast_1d(figure.subplots(1, len(names))), names):
         draw_blocks(ax, rows[name])
-        ax.set_title(f"{name}{' (convolutional)' if configs[name].arch == 'conv' else ''}\n"
+        ax.set_title(f"{name}{ARCH_TITLES.get(configs[name].arch, '')}\n"
                      f"{size_chain(configs[name], *steps[name])}", fontsize=11)
     kinds = {block[1] for panel in rows.values() for row in panel for block in row}
     handles = [Patch(facecolor=BLOCK_COLOURS[kind], edgecolor="#555", label=label)
@@ -492,6 +492,9 @@ def architecture_figure(configs):
                     + (" (the VAE is the AE plus the orange parts)" if len(names) > 1 else ""),
                     fontsize=12)
     return figure
+
+
+ARCH_TITLES = {"conv": " (convolutional)", "resnet": " (residual blocks, attention)"}
 
 
 def model_steps(config):
@@ -508,11 +511,13 @@ def layer_steps(sequential, x):
     """Run x (a meta tensor) through `sequential`'s layers: ([label, output size] per Linear or
     convolution, a ReLU or a reshape after it joined to it; the output)."""
     steps = []
-    for layer in (module for module in sequential.modules() if not list(module.children())):
+    for layer in diagram_layers(sequential):
         x = layer(x)
         size = " x ".join(str(n) for n in x.shape[1:])
-        if isinstance(layer, nn.ReLU):
-            steps[-1][0] += " + ReLU"
+        if isinstance(layer, (nn.ReLU, nn.SiLU, nn.GroupNorm)):
+            steps[-1][0] += f" + {type(layer).__name__}"
+        elif isinstance(layer, (ResBlock, SelfAttention)):
+            steps.append([DIAGRAM_BLOCKS[type(layer)], size])
         elif isinstance(layer, nn.Unflatten) and steps:
             steps[-1][1] += f" = {size}"
         elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -523,6 +528,19 @@ def layer_steps(sequential, x):
             steps.append(["Linear", size])
         # a Flatten, or the encoder's first reshape: the next layer's input says it
     return steps, x
+
+
+DIAGRAM_BLOCKS = {ResBlock: "residual block (GroupNorm, SiLU, 3x3 conv, twice)",
+                  SelfAttention: "self-attention over the positions"}
+
+
+def diagram_layers(module):
+    """The layers of `module` in order, a residual or attention block as one layer."""
+    for child in module.children():
+        if isinstance(child, tuple(DIAGRAM_BLOCKS)) or not list(child.children()):
+            yield child
+        else:
+            yield from diagram_layers(child)
 
 
 def architecture_rows(config, encoder, decoder):
