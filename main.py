@@ -54,6 +54,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eval and args.resume:
         parser.error("--eval and --resume exclude each other: --eval trains nothing")
+    if args.slim and not args.eval:
+        parser.error("--slim needs --eval: it slims the checkpoints --eval has just read")
     try:
         utils.pick_device(args.device)  # before any data is read or torch starts its threads
     except utils.ProjectError as error:
@@ -163,6 +165,15 @@ def add_scoring_flags(group):
                        help="no training: rebuild the models from their checkpoints' configs, "
                             "write the figures and metrics; model and training flags that differ "
                             "from the checkpoints' are named in a note")
+    group.add_argument("--slim", action="store_true",
+                       help="with --eval: then rewrite each checkpoint with only what --eval "
+                            "reads (no optimizer states, no discriminator), to commit it; "
+                            "--resume refuses a slimmed checkpoint")
+    group.add_argument("--compare", action="store_true",
+                       help="no training or scoring: draw FIGURE_DIR/comparison/comparison.png and "
+                            "write comparison.json from CHECKPOINT_DIR/{vae,ae}.pt and each "
+                            "CHECKPOINT_DIR/comparison/NAME/vae.pt, with the metrics.json their "
+                            "--eval wrote in FIGURE_DIR and FIGURE_DIR/comparison/NAME")
     group.add_argument("--nll-samples", metavar="K", type=number(int, 1),
                        help=f"importance samples per test image for the VAE's IWAE bound on "
                             f"-log p(x) (default: {DEFAULT_NLL_SAMPLES}; --eval keeps the count of "
@@ -217,6 +228,8 @@ def main(argv=None):
 def run(args, phases, stop):
     """Check the checkpoints, read the data, then for each run folder: train (unless --eval),
     score and draw. Returns the metrics (with --latent-study, the study's table)."""
+    if args.compare:
+        return compare_runs(args, phases)
     runs = run_folders(args)
     with phases("loading the checkpoints"):  # a missing or bad one fails before the data is read
         saved = [saved_checkpoints(run_args) for run_args in runs]
@@ -239,6 +252,8 @@ def run(args, phases, stop):
                                            dataset)
             results[run_args.latent_dim] = report(checkpoints, data, dataset, run_args, phases)
             print_summary(results[run_args.latent_dim], run_args)
+            if run_args.slim:
+                slim_checkpoints(checkpoints, run_args.checkpoint_dir)
         if not args.latent_study:
             return results[args.latent_dim]
         with phases("drawing the figures"):
@@ -637,6 +652,57 @@ def write_study(args, results):
     return study
 
 
+def slim_checkpoints(checkpoints, checkpoint_dir):
+    """Rewrite each checkpoint with only what --eval reads: no Adam state, no discriminator."""
+    for kind, checkpoint in checkpoints.items():
+        path = utils.checkpoint_path(checkpoint_dir, kind)
+        utils.save_checkpoint(path, {key: value for key, value in checkpoint.items()
+                                     if key not in ("optimizer", "adversary")})
+        print(f"{path} slimmed to what --eval reads ({path.stat().st_size / 2**20:.1f} MiB); "
+              "--resume can no longer continue it")
+
+
+def comparison_runs(args):
+    """[(label, kind, checkpoint path, metrics.json path)]: the reference VAE and AE, then each
+    run under CHECKPOINT_DIR/comparison/, by name."""
+    runs = [(f"{MODEL_NAMES[kind]} (reference)", kind, utils.checkpoint_path(args.checkpoint_dir,
+                                                                             kind),
+             Path(args.figure_dir) / "metrics.json") for kind in MODEL_NAMES]
+    folder = Path(args.checkpoint_dir) / "comparison"
+    for run_dir in sorted(folder.glob("*/")) if folder.is_dir() else []:
+        for kind in MODEL_NAMES:
+            if utils.checkpoint_path(run_dir, kind).is_file():
+                runs.append((run_dir.name if kind == "vae" else f"{run_dir.name} {kind.upper()}",
+                             kind, utils.checkpoint_path(run_dir, kind),
+                             Path(args.figure_dir) / "comparison" / run_dir.name / "metrics.json"))
+    return runs
+
+
+def compare_runs(args, phases):
+    """--compare: each run's model from its checkpoint and its scores from its metrics.json;
+    the figure of samples and reconstructions and the table (printed and written as JSON)."""
+    with phases("reading the data"):
+        data = load_data(args.data_dir, args.dataset, torch.device("cpu"))
+    models, table = {}, {}
+    with phases("loading the checkpoints"):
+        for label, kind, path, metrics_path in comparison_runs(args):
+            checkpoint = utils.load_checkpoint(path)
+            models[label] = restore_model(checkpoint, kind, path.parent, torch.device("cpu"))[1]
+            try:
+                table[label] = metrics.comparison_row(utils.load_json(metrics_path), kind)
+            except (KeyError, TypeError, AttributeError) as error:
+                raise utils.ProjectError(f"{metrics_path} lacks the {kind.upper()}'s score "
+                                         f"{error}; rewrite it with python main.py --eval "
+                                         f"--checkpoint-dir {path.parent}") from None
+    folder = Path(args.figure_dir) / "comparison"
+    with phases("drawing the figures"):
+        plots.plot_comparison(models, data["test"][0], folder / "comparison.png")
+    utils.save_json(folder / "comparison.json", table)
+    print(metrics.comparison_table(table))
+    print(f"comparison.png and comparison.json written to {folder}/")
+    return table
+
+
 # ----------------------------------------------------------------------------------------- helpers
 
 def load_data(data_dir, dataset, device):
@@ -663,7 +729,8 @@ def written_folders(runs, evaluating):
     """The folders the runs write into, each locked while they do: the figure folders and, when
     training, the checkpoint folders. Resolved, so that a folder named twice is locked once."""
     folders = [run_args.figure_dir for run_args in runs]
-    folders += [] if evaluating else [run_args.checkpoint_dir for run_args in runs]
+    folders += [run_args.checkpoint_dir for run_args in runs
+                if not evaluating or run_args.slim]  # --slim rewrites the checkpoints
     return list(dict.fromkeys(Path(folder).resolve() for folder in folders))
 
 

@@ -419,6 +419,43 @@ def score_samples(samplers, classifier, test_images, count):
     return scores
 
 
+COMPARISON_COLUMNS = [  # (key, title, format) of each comparison_row
+    ("test_loss", "test loss: -ELBO (AE: BCE)", "{:.2f}"), ("test_nll_iwae", "IWAE bound", "{:.2f}"),
+    ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
+    ("frechet_distance", "samples: Frechet distance", "{:.1f}"),
+    ("confident_share", "confident", "{:.1%}"), ("sample_sharpness", "sharpness: samples", "{:.2f}"),
+    ("reconstruction_sharpness", "reconstructions", "{:.2f}"),
+    ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("epochs", "epochs", "{}")]
+
+
+def comparison_row(scores, kind):
+    """The numbers --compare tabulates for one model, from its run's metrics.json: its
+    likelihood (the test losses stay the ELBO's whatever it trained on), reconstructions, prior
+    samples and speed; a number the file lacks (written before it existed) is left out."""
+    model = scores[kind]
+    samples = scores["samples"][f"{kind.upper()}, z ~ N(0, I)"]
+    row = {"test_loss": model["test"]["loss"],
+           "test_nll_iwae": model.get("test_nll_iwae", {}).get("nats"),
+           "psnr": model["reconstruction"]["psnr"], "ssim": model["reconstruction"]["ssim"],
+           "frechet_distance": samples["frechet_distance"],
+           "confident_share": samples["confident_share"],
+           "sample_sharpness": samples.get("sharpness"),
+           "reconstruction_sharpness": model["reconstruction"].get("sharpness"),
+           "seconds_per_epoch": model["seconds_per_epoch"], "epochs": model["epochs"],
+           "arch": model["config"]["arch"], "flags": model["flags"]}
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def comparison_table(table):
+    """{label: comparison_row} -> a Markdown table, a row per model."""
+    lines = ["| run | " + " | ".join(title for _, title, _ in COMPARISON_COLUMNS) + " |",
+             "|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    for label, row in table.items():
+        cells = [form.format(row[key]) if key in row else "-" for key, _, form in COMPARISON_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 STUDY_COLUMNS = [("mse", "MSE per pixel"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"),
                  ("test_loss", "test loss (nats)"), ("test_nll_iwae", "IWAE NLL (nats)")]
 

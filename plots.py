@@ -154,6 +154,29 @@ def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
     utils.save_figure(figure, path)
 
 
+def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0):
+    """comparison.png: a column per run ({label: model}): 64 decodes of z ~ N(0, I) (the same
+    draws for each model of a latent size) above its reconstructions of the first `count` test
+    images; the first column shows real test images."""
+    real = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    columns = [("real test images", real[count:count + n_side**2], real[:count])]
+    for label, model in models.items():
+        prior = metrics.Gaussian.standard(model.latent_dim, images.device)
+        samples = metrics.decode_images(model, prior.sample(n_side**2, seed))
+        codes = metrics.encode(model, images[:count])[0]  # the VAE's: posterior means
+        columns.append((label, samples, metrics.decode_images(model, codes)))
+    figure = Figure(figsize=(2.3 * len(columns), 4.4), layout="constrained")
+    axes = figure.subplots(2, len(columns), height_ratios=[2, 1])
+    for (top, bottom), (label, samples, reconstructions) in zip(axes.T, columns):
+        show(top, grid_image(samples, n_side), label.replace(" ", "\n", 1))
+        show(bottom, grid_image(reconstructions, count // 4))
+    axes[0, 0].set_ylabel("z ~ N(0, I)", fontsize=11)
+    axes[1, 0].set_ylabel("reconstructions", fontsize=11)
+    figure.suptitle("Samples from the prior (top) and reconstructions of the first 16 test "
+                    "images (bottom), per run", fontsize=12)
+    utils.save_figure(figure, path)
+
+
 def principal_axes(codes):
     """(N, D) -> (D, 2) orthonormal: the top two principal axes of the codes (z's own axes when
     D <= 2), each signed so that its largest component is positive, so that the latent scatter
