@@ -17,6 +17,7 @@ code under that mode, not the tutorial's process; time that with its own script.
 
     python benchmark.py
     python benchmark.py --precision bf16
+    python benchmark.py --arch resnet --hidden-dim 128 --models vae   # (a) only: no tutorial twin
 """
 import argparse
 import gzip
@@ -40,8 +41,9 @@ PROJECT, TUTORIAL, FLOOR = ("(a) this project", "(b) tutorial DataLoader + ToTen
 SIDE_BY_SIDE = "(a) side by side, as main.py trains"
 
 
-def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None):
-    model = build_model(ModelConfig(kind=kind)).to(device)
+def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None, *,
+                  arch="mlp", hidden_dim=400):
+    model = build_model(ModelConfig(kind=kind, arch=arch, hidden_dim=hidden_dim)).to(device)
     optimizer = main.make_optimizer(model, 1e-3, device)
     shuffle, noise = (torch.Generator(device).manual_seed(0) for _ in range(2))
     return lambda: main.train_epoch(model, optimizer, train_images, batch_size=batch_size,
@@ -49,9 +51,10 @@ def project_epoch(kind, train_images, batch_size, device, precision, bar_positio
                                     description=f"(a) {kind}", bar_position=bar_position)
 
 
-def side_by_side_epoch(kinds, train_images, batch_size, device, precision):
+def side_by_side_epoch(kinds, train_images, batch_size, device, precision, **shape):
     """(a) for all `kinds` at once, each model in a thread, as main.train_models trains them."""
-    epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position)
+    epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position,
+                                  **shape)
               for position, kind in enumerate(kinds)}
     return lambda: utils.side_by_side(epochs)
 
@@ -179,15 +182,17 @@ def timed(run, device):
 def methods_to_time(args, train_images, root, device):
     """{(models, method): one epoch}, for each model and, on a CPU, for both side by side."""
     steps = -(-len(train_images) // args.batch_size)
-    methods = {}
+    methods, shape = {}, {"arch": args.arch, "hidden_dim": args.hidden_dim}
     for kind in args.models:
         methods[kind, PROJECT] = project_epoch(kind, train_images, args.batch_size, device,
-                                               args.precision)
+                                               args.precision, **shape)
+        if args.arch != "mlp":
+            continue  # the tutorial and the floor are the MLP's
         methods[kind, TUTORIAL] = tutorial_epoch(kind, root, args.batch_size, device)
         methods[kind, FLOOR] = floor_epoch(kind, steps, args.batch_size, device, args.precision)
     if device.type == "cpu" and len(args.models) > 1:
         methods["+".join(args.models), SIDE_BY_SIDE] = side_by_side_epoch(
-            args.models, train_images, args.batch_size, device, args.precision)
+            args.models, train_images, args.batch_size, device, args.precision, **shape)
     return methods
 
 
@@ -215,12 +220,12 @@ def print_table(median, memory, kinds, images, steps):
         print(f"{models.upper():7} {name:38} {value:8.2f} {seen / value:9.0f} "
               f"{1e3 * value / steps:8.2f} {memory[models, name][0]:9.0f} "
               f"{memory[models, name][1]:10.0f}")
-    for kind in kinds:
+    for kind in (kind for kind in kinds if (kind, TUTORIAL) in median):
         a, b, c = (median[kind, name] for name in (PROJECT, TUTORIAL, FLOOR))
         print(f"{kind.upper():7} (b)/(a) = {b / a:.2f}x faster than the tutorial; "
               f"(a)/(c) = {a / c:.2f}x the floor")
     both = "+".join(kinds)
-    if (both, SIDE_BY_SIDE) in median:
+    if (both, SIDE_BY_SIDE) in median and all((kind, TUTORIAL) in median for kind in kinds):
         a = median[both, SIDE_BY_SIDE]
         alone, b, c = (sum(median[kind, name] for kind in kinds)
                        for name in (PROJECT, TUTORIAL, FLOOR))
@@ -237,6 +242,10 @@ def main_benchmark(argv=None):
     parser.add_argument("--repeats", type=main.number(int, 1), default=5,
                         help="epochs timed per method")
     parser.add_argument("--models", nargs="+", choices=["vae", "ae"], default=["vae", "ae"])
+    parser.add_argument("--arch", choices=main.ARCHITECTURES, default="mlp",
+                        help="the models' architecture, as main.py --arch; not mlp: (a) only")
+    parser.add_argument("--hidden-dim", type=main.number(int, 1), default=400,
+                        help="as main.py --hidden-dim")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="of (a) and (c), as main.py --precision")
     args = parser.parse_args(argv)
@@ -249,7 +258,8 @@ def main_benchmark(argv=None):
         raise SystemExit(f"error: {error}")
     steps = -(-len(train_images) // args.batch_size)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"device {device}{threads}, torch {torch.__version__}, {args.precision} (a) and (c), "
+    print(f"device {device}{threads}, torch {torch.__version__}, --arch {args.arch} --hidden-dim "
+          f"{args.hidden_dim}, {args.precision} (a) and (c), "
           f"batch {args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
     with tempfile.TemporaryDirectory() as folder:
         methods = methods_to_time(args, train_images, stage_for_torchvision(args.data_dir, folder),

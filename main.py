@@ -29,13 +29,15 @@ import checkpoint_files
 import metrics
 import plots
 import utils
-from models import ModelConfig, build_model
+from models import Adversary, ModelConfig, TrainingObjective, build_model
 
 IMPORT_SECONDS = time.perf_counter() - STARTED
 MODEL_NAMES = {"vae": "VAE", "ae": "AE"}
-ARCHITECTURES = ["mlp", "conv"]
+ARCHITECTURES = ["mlp", "conv", "resnet"]
 MODEL_FLAGS = ["latent_dim", "hidden_dim", "hidden_layers", "arch", "beta"]  # a checkpoint's config
-TRAINING_FLAGS = ["lr", "batch_size", "seed", "precision", "binarize", "kl_warmup", "lr_schedule"]
+TRAINING_FLAGS = ["lr", "batch_size", "seed", "precision", "binarize", "kl_warmup", "lr_schedule",
+                  "perceptual_weight", "adversarial_weight", "adversarial_start"]
+OBJECTIVE_FLAGS = ["perceptual_weight", "adversarial_weight", "adversarial_start"]  # metrics.json's
 DEFAULT_NLL_SAMPLES = 100
 EVOLUTION_IMAGES = 1000  # test images whose codes each epoch keeps, for latent_evolution.gif
 MEMORY_FLAGS = {  # the flags that size what a phase allocates, named when it runs out of memory
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eval and args.resume:
         parser.error("--eval and --resume exclude each other: --eval trains nothing")
+    if args.slim and not args.eval:
+        parser.error("--slim needs --eval: it slims the checkpoints --eval has just read")
     try:
         utils.pick_device(args.device)  # before any data is read or torch starts its threads
     except utils.ProjectError as error:
@@ -90,7 +94,9 @@ def add_model_flags(group):
     group.add_argument("--hidden-layers", metavar="N", type=number(int, 1), default=1,
                        help="hidden layers in the encoder and in the decoder (--arch mlp)")
     group.add_argument("--arch", choices=ARCHITECTURES, default="mlp",
-                       help="an MLP, or two stride-2 convolutions and their transposes")
+                       help="an MLP; conv: two stride-2 convolutions and their transposes; "
+                            "resnet: down, middle (with self-attention at 7x7) and up blocks of "
+                            "residual blocks, --hidden-dim the linear layer to and from the code")
     group.add_argument("--beta", type=number(float, 0, above=True), default=1.0,
                        help="weight of the KL term in the VAE's training loss (1: the ELBO)")
 
@@ -111,6 +117,17 @@ def add_training_flags(group):
                             "dynamic: each training pixel resampled as a Bernoulli whenever it is "
                             "seen (the likelihood literature); static: binarized once. The test "
                             "set is binarized once, with a fixed seed.")
+    group.add_argument("--perceptual-weight", metavar="W", type=number(float, 0), default=0.0,
+                       help="add W times the squared distance between a small CNN's features of "
+                            "the decode and of the image (the CNN trained once per dataset, cached "
+                            "in checkpoints/perceptual-DATASET.pt; never the scoring one); 0: off")
+    group.add_argument("--adversarial-weight", metavar="W", type=number(float, 0), default=0.0,
+                       help="add W times a PatchGAN discriminator's term -mean D(decode), scaled by "
+                            "the adaptive ratio of gradient norms at the decoder's last layer; the "
+                            "discriminator trains on the hinge loss; 0: off")
+    group.add_argument("--adversarial-start", metavar="EPOCHS", type=number(int, 0), default=0,
+                       help="epochs trained before the adversarial term and the discriminator "
+                            "start")
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: each step's forward pass under bfloat16 autocast; weights, "
                             "Adam, the loss and all scoring stay fp32 (README, Speed)")
@@ -149,6 +166,15 @@ def add_scoring_flags(group):
                        help="no training: rebuild the models from their checkpoints' configs, "
                             "write the figures and metrics; model and training flags that differ "
                             "from the checkpoints' are named in a note")
+    group.add_argument("--slim", action="store_true",
+                       help="with --eval: then rewrite each checkpoint with only what --eval "
+                            "reads (no optimizer states, no discriminator), to commit it; "
+                            "--resume refuses a slimmed checkpoint")
+    group.add_argument("--compare", action="store_true",
+                       help="no training or scoring: draw FIGURE_DIR/comparison/comparison.png and "
+                            "write comparison.json from CHECKPOINT_DIR/{vae,ae}.pt and each "
+                            "CHECKPOINT_DIR/comparison/NAME/vae.pt, with the metrics.json their "
+                            "--eval wrote in FIGURE_DIR and FIGURE_DIR/comparison/NAME")
     group.add_argument("--nll-samples", metavar="K", type=number(int, 1),
                        help=f"importance samples per test image for the VAE's IWAE bound on "
                             f"-log p(x) (default: {DEFAULT_NLL_SAMPLES}; --eval keeps the count of "
@@ -203,6 +229,8 @@ def main(argv=None):
 def run(args, phases, stop):
     """Check the checkpoints, read the data, then for each run folder: train (unless --eval),
     score and draw. Returns the metrics (with --latent-study, the study's table)."""
+    if args.compare:
+        return compare_runs(args, phases)
     runs = run_folders(args)
     with phases("loading the checkpoints"):  # a missing or bad one fails before the data is read
         saved = [saved_checkpoints(run_args) for run_args in runs]
@@ -221,9 +249,12 @@ def run(args, phases, stop):
             locks.enter_context(utils.FolderLock(folder))
         for run_args, checkpoints in zip(runs, saved):
             if not run_args.eval:
-                checkpoints = train_models(run_args, checkpoints, data, device, phases, stop)
+                checkpoints = train_models(run_args, checkpoints, data, device, phases, stop,
+                                           dataset)
             results[run_args.latent_dim] = report(checkpoints, data, dataset, run_args, phases)
             print_summary(results[run_args.latent_dim], run_args)
+            if run_args.slim:
+                slim_checkpoints(checkpoints, run_args.checkpoint_dir)
         if not args.latent_study:
             return results[args.latent_dim]
         with phases("drawing the figures"):
@@ -245,9 +276,11 @@ class Trainee:
     flags: dict  # the training flags: this run's, or the checkpoint's when resuming
     history: list
     checkpoint: dict = None  # the last one saved, or the one resumed from
+    objective: torch.nn.Module = None  # what the loop calls: the model, or a TrainingObjective
+    critic: "DiscriminatorStep" = None  # the discriminator and its optimizer (--adversarial-weight)
 
 
-def train_models(args, checkpoints, data, device, phases, stop):
+def train_models(args, checkpoints, data, device, phases, stop, dataset="mnist"):
     """Train each model of args.models, continuing its checkpoint if there is one; return
     {kind: last checkpoint}. On a CPU the VAE and the AE train side by side, each in a thread
     with half of torch's threads: one small model leaves the cores idle between its many short
@@ -255,6 +288,8 @@ def train_models(args, checkpoints, data, device, phases, stop):
     with phases("building the models"):
         trainees = [start_training(kind, args, checkpoints.get(kind), device)
                     for kind in args.models]
+    for trainee in trainees:
+        attach_objective(trainee, data, dataset, device, phases)
     jobs = {trainee.kind: partial(fit, trainee, args, data, stop, position)
             for position, trainee in enumerate(trainees)}
     with phases("training"), stop.polled():
@@ -279,6 +314,10 @@ def start_training(kind, args, checkpoint, device):
 
 
 def resume_training(kind, path, checkpoint, args, device):
+    if "optimizer" not in checkpoint:
+        raise utils.ProjectError(f"{path} was slimmed for --eval (it holds no optimizer state): "
+                                 "--resume cannot continue it; train afresh into another "
+                                 "--checkpoint-dir", exit_code=2)
     config, model = restore_model(checkpoint, kind, args.checkpoint_dir, device)
     flags = stored_flags(checkpoint)
     optimizer = make_optimizer(model, flags["lr"], device)
@@ -293,6 +332,64 @@ def resume_training(kind, path, checkpoint, args, device):
           f"batch size and seed; --epochs {args.epochs} is the new total)")
     return Trainee(kind, path, config, model, optimizer, shuffle, noise, flags,
                    checkpoint["history"], checkpoint)
+
+
+def attach_objective(trainee, data, dataset, device, phases):
+    """With --perceptual-weight or --adversarial-weight, wrap the model in a TrainingObjective
+    (and the discriminator's own step); else the loop trains the bare model, as it always did."""
+    flags = trainee.flags
+    if not (flags["perceptual_weight"] > 0 or flags["adversarial_weight"] > 0):
+        trainee.objective = trainee.model
+        return
+    perceptual = None
+    if flags["perceptual_weight"] > 0:
+        perceptual = metrics.perceptual_network(dataset, data, phases).to(device)
+    if flags["adversarial_weight"] > 0:
+        torch.manual_seed(flags["seed"] + 2)  # the discriminator's weights, after the model's
+        trainee.critic = DiscriminatorStep(Adversary().to(device), flags["lr"], device)
+        if trainee.checkpoint is not None:
+            trainee.critic.restore(trainee.checkpoint, trainee.path)
+    trainee.objective = TrainingObjective(
+        model=trainee.model, perceptual_weight=flags["perceptual_weight"], perceptual=perceptual,
+        adversarial_weight=flags["adversarial_weight"],
+        adversary=trainee.critic.adversary if trainee.critic else None)
+
+
+class DiscriminatorStep:
+    """The discriminator's own training: Adam (betas 0.5, 0.9, as in taming-transformers) on the
+    hinge loss between a batch of images and the model's decodes of it, detached."""
+
+    def __init__(self, adversary, lr, device):
+        self.adversary = adversary
+        self.optimizer = torch.optim.Adam(adversary.parameters(), lr=lr, betas=(0.5, 0.9),
+                                          fused=device.type in ("cpu", "cuda"))
+        self.total, self.steps = 0.0, 0
+
+    def step(self, real, fake):
+        loss = self.adversary.discriminator_loss(real, fake)
+        self.optimizer.zero_grad(set_to_none=True)  # also drops what the model's step left
+        loss.backward()
+        self.optimizer.step()
+        self.total, self.steps = self.total + loss.detach(), self.steps + 1
+
+    def mean_loss(self):
+        """The mean hinge loss since the last call (None if no step)."""
+        mean = (self.total / self.steps).item() if self.steps else None
+        self.total, self.steps = 0.0, 0
+        return mean
+
+    def state(self):
+        return {"model": self.adversary.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def restore(self, checkpoint, path):
+        state = checkpoint.get("adversary")
+        if not isinstance(state, dict) or "model" not in state:
+            return  # resumed before the adversarial term was switched on: a fresh one
+        problem = checkpoint_files.state_dict_problem(state["model"], self.adversary.state_dict())
+        if problem:
+            raise utils.ProjectError(f"{path}: its discriminator: {problem}; retrain")
+        self.adversary.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def restore_training_state(checkpoint, model, optimizer, shuffle, noise, device):
@@ -322,13 +419,14 @@ def fit(trainee, args, data, stop, bar_position=None):
         lr = learning_rate(flags["lr"], flags["lr_schedule"], epoch, args.epochs)
         for group in trainee.optimizer.param_groups:
             group["lr"] = lr
+        critic = adversary_of_epoch(trainee, epoch)
         try:
             train_parts = train_epoch(
-                trainee.model, trainee.optimizer, train_targets, batch_size=flags["batch_size"],
+                trainee.objective, trainee.optimizer, train_targets, batch_size=flags["batch_size"],
                 shuffle=trainee.shuffle, noise=trainee.noise, binarize=flags["binarize"],
                 kl_warmup=kl_warmup_range(epoch, flags["kl_warmup"]), stop=stop,
                 precision=flags["precision"], description=f"{name} epoch {epoch}/{args.epochs}",
-                bar_position=bar_position)
+                bar_position=bar_position, critic=critic)
         except NonFiniteLoss as failure:
             raise utils.ProjectError(
                 f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step} "
@@ -338,21 +436,33 @@ def fit(trainee, args, data, stop, bar_position=None):
             raise utils.Stopped(stop.signal_name)
         trainee.history.append(epoch_record(trainee.model, epoch, train_parts, test_targets,
                                             data["test"][0], started))
+        if critic is not None:
+            trainee.history[-1]["discriminator_loss"] = critic.mean_loss()
         trainee.checkpoint = checkpoint_of(trainee, args.epochs, test_targets.device)
         checkpoint_files.save_checkpoint(trainee.path, trainee.checkpoint)
         print_epoch(name, trainee.history[-1], args.epochs)
     return trainee.checkpoint
 
 
+def adversary_of_epoch(trainee, epoch):
+    """The discriminator's step for `epoch` (1-based), or None: it and the model's adversarial
+    term start after --adversarial-start epochs."""
+    if trainee.critic is None:
+        return None
+    trainee.objective.adversarial_on = epoch > trainee.flags["adversarial_start"]
+    return trainee.critic if trainee.objective.adversarial_on else None
+
+
 def train_epoch(model, optimizer, images, *, batch_size, shuffle, noise=None, binarize="none",
                 kl_warmup=(1.0, 1.0), precision="fp32", stop=None, description="",
-                bar_position=None):
+                bar_position=None, critic=None):
     """One pass over `images` (N, 784) in a random order; returns the mean loss parts per image
     and their sum as "loss" (the VAE's negative ELBO, whatever KL weight it trains with).
 
     binarize "dynamic" samples each pixel of each batch as a Bernoulli of its grey value.
     kl_warmup: the share of the KL weight at the start and the end of the epoch, raised per step.
     noise: the model's own generator. precision "bf16": the forward pass under bfloat16 autocast.
+    critic: a DiscriminatorStep, stepped after the model's step on the decodes it just made.
     Raises NonFiniteLoss if the loss is NaN or infinite; returns None once `stop` is requested.
     """
     model.train()
@@ -366,6 +476,8 @@ def train_epoch(model, optimizer, images, *, batch_size, shuffle, noise=None, bi
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if critic is not None:
+            critic.step(batch, model.decoded)  # the discriminator's own step, on these decodes
         losses.add(parts, len(batch))
         if stop is not None and stop.signal_name:
             return losses.close()
@@ -445,6 +557,7 @@ def checkpoint_of(trainee, epochs, device):
         "rng": {"shuffle": trainee.shuffle.get_state(), "noise": trainee.noise.get_state()},
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        **({"adversary": trainee.critic.state()} if trainee.critic else {}),
     }
 
 
@@ -486,7 +599,7 @@ def report(checkpoints, data, dataset, run_args, phases):
     with phases("scoring samples"):
         samplers = metrics.make_samplers(models, train_images)
         reference, _ = metrics.classify(classifier, test_images)  # (N, 128) features
-        scores["samples"] = metrics.score_samples(samplers, classifier, reference,
+        scores["samples"] = metrics.score_samples(samplers, classifier, test_images, reference,
                                                   run_args.quality_samples)
     with phases("scoring interpolations"):
         pairs = metrics.interpolation_pairs(data["test"][1])
@@ -556,6 +669,57 @@ def write_study(args, results):
     return study
 
 
+def slim_checkpoints(checkpoints, checkpoint_dir):
+    """Rewrite each checkpoint with only what --eval reads: no Adam state, no discriminator."""
+    for kind, checkpoint in checkpoints.items():
+        path = checkpoint_files.checkpoint_path(checkpoint_dir, kind)
+        checkpoint_files.save_checkpoint(path, {key: value for key, value in checkpoint.items()
+                                     if key not in ("optimizer", "adversary")})
+        print(f"{path} slimmed to what --eval reads ({path.stat().st_size / 2**20:.1f} MiB); "
+              "--resume can no longer continue it")
+
+
+def comparison_runs(args):
+    """[(label, kind, checkpoint path, metrics.json path)]: the reference VAE and AE, then each
+    run under CHECKPOINT_DIR/comparison/, by name."""
+    runs = [(f"{MODEL_NAMES[kind]} (reference)", kind, checkpoint_files.checkpoint_path(args.checkpoint_dir,
+                                                                             kind),
+             Path(args.figure_dir) / "metrics.json") for kind in MODEL_NAMES]
+    folder = Path(args.checkpoint_dir) / "comparison"
+    for run_dir in sorted(folder.glob("*/")) if folder.is_dir() else []:
+        for kind in MODEL_NAMES:
+            if checkpoint_files.checkpoint_path(run_dir, kind).is_file():
+                runs.append((run_dir.name if kind == "vae" else f"{run_dir.name} {kind.upper()}",
+                             kind, checkpoint_files.checkpoint_path(run_dir, kind),
+                             Path(args.figure_dir) / "comparison" / run_dir.name / "metrics.json"))
+    return runs
+
+
+def compare_runs(args, phases):
+    """--compare: each run's model from its checkpoint and its scores from its metrics.json;
+    the figure of samples and reconstructions and the table (printed and written as JSON)."""
+    with phases("reading the data"):
+        data = load_data(args.data_dir, args.dataset, torch.device("cpu"))
+    models, table = {}, {}
+    with phases("loading the checkpoints"):
+        for label, kind, path, metrics_path in comparison_runs(args):
+            checkpoint = checkpoint_files.load_checkpoint(path)
+            models[label] = restore_model(checkpoint, kind, path.parent, torch.device("cpu"))[1]
+            try:
+                table[label] = metrics.comparison_row(utils.load_json(metrics_path), kind)
+            except (KeyError, TypeError, AttributeError) as error:
+                raise utils.ProjectError(f"{metrics_path} lacks the {kind.upper()}'s score "
+                                         f"{error}; rewrite it with python main.py --eval "
+                                         f"--checkpoint-dir {path.parent}") from None
+    folder = Path(args.figure_dir) / "comparison"
+    with phases("drawing the figures"):
+        plots.plot_comparison(models, data["test"][0], folder / "comparison.png")
+    utils.save_json(folder / "comparison.json", table)
+    print(metrics.comparison_table(table))
+    print(f"comparison.png and comparison.json written to {folder}/")
+    return table
+
+
 # ----------------------------------------------------------------------------------------- helpers
 
 def load_data(data_dir, dataset, device):
@@ -582,7 +746,8 @@ def written_folders(runs, evaluating):
     """The folders the runs write into, each locked while they do: the figure folders and, when
     training, the checkpoint folders. Resolved, so that a folder named twice is locked once."""
     folders = [run_args.figure_dir for run_args in runs]
-    folders += [] if evaluating else [run_args.checkpoint_dir for run_args in runs]
+    folders += [run_args.checkpoint_dir for run_args in runs
+                if not evaluating or run_args.slim]  # --slim rewrites the checkpoints
     return list(dict.fromkeys(Path(folder).resolve() for folder in folders))
 
 
@@ -680,7 +845,7 @@ def training_record(checkpoint, num_train_images):
         "threads": checkpoint.get("threads"),
         "config": checkpoint["config"],
         "flags": {key: flags[key] for key in ("batch_size", "lr", "seed", "binarize", "kl_warmup",
-                                              "lr_schedule", "precision")},
+                                              "lr_schedule", "precision", *OBJECTIVE_FLAGS)},
     }
 
 

@@ -1,6 +1,7 @@
 """Every number in metrics.json: the losses, the reconstructions' errors, the codes' statistics,
 the IWAE bound on -log p(x), the sample scores, and the small CNN behind those scores, which never
-trains the VAE or the AE. Draws nothing and writes only the classifier's cache."""
+trains the VAE or the AE. Draws nothing and writes only the classifiers' caches: the scoring CNN's
+and, trained the same way but another network, the perceptual loss's (models.PerceptualNet)."""
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 import checkpoint_files
 import utils
-from models import bernoulli_nll_per_image, kl_per_dimension, reparameterize
+from models import PerceptualNet, bernoulli_nll_per_image, kl_per_dimension, reparameterize
 from utils import IMAGE_SIDE
 
 CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
@@ -37,7 +38,28 @@ METRICS_NOTES = (  # what each number in metrics.json means, written into it as 
     "step in pixel space over its length, minus 1/(steps - 1): 0 for an even walk; after "
     "Berthelot et al. 2018) and, for pairs of two classes, the share of paths whose predicted "
     "class changes more than once; means over pairs with their standard errors."
+    "sharpness (of each sampler's samples and of the reconstructions): the mean "
+    "squared Laplacian (3x3 kernel [[0,1,0],[1,-4,1],[0,1,0]], over the 26x26 interior) of the "
+    "decoded images divided by that of the real test images, 1.0 = as sharp as real digits. "
+    "flags: the training objective's weights too (perceptual_weight, adversarial_weight, "
+    "adversarial_start); with any above 0 the training loss is not the ELBO, but the test losses "
+    "and test_nll_iwae above stay the likelihood's (bce, kl) alone."
 )
+
+LAPLACIAN = [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]
+
+
+def laplacian_energy(images):
+    """(N, 784) images -> (N,): the mean squared Laplacian over the 26x26 interior (no padding,
+    so that the border adds no edges)."""
+    kernel = torch.tensor(LAPLACIAN, device=images.device).reshape(1, 1, 3, 3)
+    laplacian = F.conv2d(images.float().reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), kernel)
+    return laplacian.pow(2).mean(dim=(1, 2, 3))
+
+
+def sharpness(images, real_images):
+    """Mean squared Laplacian of `images` over that of `real_images` (N, 784): 1.0 = as sharp."""
+    return (laplacian_energy(images).mean() / laplacian_energy(real_images).mean()).item()
 
 
 @torch.inference_mode()
@@ -90,6 +112,7 @@ def reconstruction_errors(model, codes, images, targets, batch_size=2000):
     (nats per image); MSE per pixel, PSNR (dB, peak 1) and SSIM against the grey images."""
     model.eval()
     scores = {"bce": [], "mse": [], "psnr": [], "ssim": []}
+    decoded = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         logits = model.decode(codes[start:start + batch_size])  # (B, 784)
@@ -99,7 +122,9 @@ def reconstruction_errors(model, codes, images, targets, batch_size=2000):
         scores["mse"].append(squared_error)
         scores["psnr"].append(-10 * torch.log10(squared_error.clamp(min=1e-10)))
         scores["ssim"].append(ssim(reconstruction, batch))
-    return {name: torch.cat(values).mean().item() for name, values in scores.items()}
+        decoded.append(reconstruction)
+    return {**{name: torch.cat(values).mean().item() for name, values in scores.items()},
+            "sharpness": sharpness(torch.cat(decoded), images)}
 
 
 def ssim(images_a, images_b, *, window=11, sigma=1.5):
@@ -262,18 +287,20 @@ def sample_quality(classifier, samples, reference_features):
 
 
 def train_classifier(train_images, train_labels, test_images, test_labels, *, epochs=3,
-                     batch_size=128, seed=0):
-    """Train the scoring CNN on the grey training images, with a progress bar; return it and
-    its test accuracy."""
+                     batch_size=128, seed=0, network=None,
+                     description="scoring classifier"):
+    """Train the scoring CNN (or another `network` class) on the grey training images, with a
+    progress bar; return it and its test accuracy."""
+    network = network or DigitClassifier
     torch.manual_seed(seed)
     device = train_images.device
-    classifier = DigitClassifier().to(device)
+    classifier = network().to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
     shuffle = torch.Generator(device=device).manual_seed(seed)
     train_labels = train_labels.to(device)
     classifier.train()
     steps = epochs * math.ceil(len(train_images) / batch_size)
-    with tqdm(total=steps, desc="scoring classifier", leave=False, disable=None) as progress:
+    with tqdm(total=steps, desc=description, leave=False, disable=None) as progress:
         for _ in range(epochs):
             order = torch.randperm(len(train_images), generator=shuffle, device=device)
             for indices in batches(order, batch_size):
@@ -282,16 +309,22 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
                 loss.backward()
                 optimizer.step()
                 progress.update()
-    _, probabilities = classify(classifier, test_images)
+    if network is DigitClassifier:
+        _, probabilities = classify(classifier, test_images)
+    else:
+        with torch.inference_mode():
+            classifier.eval()
+            probabilities = torch.cat([classifier(batch) for batch in batches(test_images, 250)])
     accuracy = (probabilities.argmax(dim=1).cpu() == test_labels.cpu()).float().mean().item()
     return classifier, accuracy
 
 
-def load_classifier(path, device, dataset="mnist"):
-    """The cached scoring classifier of `dataset` at `path`, and its test accuracy, each checked
-    as data: the weights of this classifier, finite, trained on that dataset."""
+def load_classifier(path, device, dataset="mnist", network=None):
+    """The cached scoring classifier (or `network`) of `dataset` at `path`, and its test
+    accuracy, each checked as data: the weights of this classifier, finite, trained on that
+    dataset."""
     checkpoint = checkpoint_files.load_checkpoint(path, fix="delete it and it is retrained")
-    classifier = DigitClassifier()
+    classifier = (network or DigitClassifier)()
     accuracy, trained_on = checkpoint.get("test_accuracy"), checkpoint.get("dataset", dataset)
     problem = checkpoint_files.state_dict_problem(checkpoint["model"], classifier.state_dict())
     if not (checkpoint_files.is_finite_number(accuracy) and 0 <= accuracy <= 1):
@@ -305,8 +338,8 @@ def load_classifier(path, device, dataset="mnist"):
     return classifier.to(device), accuracy
 
 
-def save_classifier(path, classifier, accuracy, dataset):
-    checkpoint_files.save_checkpoint(path, {"config": {"kind": "classifier"}, "dataset": dataset,
+def save_classifier(path, classifier, accuracy, dataset, kind="classifier"):
+    checkpoint_files.save_checkpoint(path, {"config": {"kind": kind}, "dataset": dataset,
                                  "model": classifier.state_dict(), "history": [],
                                  "test_accuracy": accuracy})
 
@@ -327,6 +360,25 @@ def scoring_classifier(dataset, data, phases):
 
 def classifier_path(dataset):
     return CLASSIFIER_DIR / f"classifier-{dataset}.pt"
+
+
+PERCEPTUAL_SEED = 1  # not the scoring classifier's 0: another network, other weights
+
+
+def perceptual_network(dataset, data, phases):
+    """The frozen CNN of --perceptual-weight (models.PerceptualNet): trained once per dataset on
+    its labels, as the scoring classifier is, and cached in CLASSIFIER_DIR beside it."""
+    path = CLASSIFIER_DIR / f"perceptual-{dataset}.pt"
+    if path.exists():
+        return load_classifier(path, data["train"][0].device, dataset, PerceptualNet)[0]
+    print(f"training the perceptual loss's CNN (once for {utils.DATASETS[dataset].title}; cached "
+          f"in {path}) ...")
+    with phases("training the perceptual network"):
+        network, accuracy = train_classifier(*data["train"], *data["test"], seed=PERCEPTUAL_SEED,
+                                             network=PerceptualNet, description="perceptual CNN")
+    save_classifier(path, network, accuracy, dataset, kind="perceptual")
+    print(f"perceptual network: {100 * accuracy:.2f}% test accuracy")
+    return network
 
 
 def score_model(model, binarize, data, phases):
@@ -367,16 +419,17 @@ def make_samplers(models, train_images):
     return samplers
 
 
-def score_samples(samplers, classifier, reference, count):
-    """Frechet distance, confident share and class entropy of `count` samples of each sampler;
-    reference: the classifier's features of the test images."""
+def score_samples(samplers, classifier, test_images, reference, count):
+    """Frechet distance, confident share, class entropy and sharpness of `count` samples of each
+    sampler; reference: the classifier's features of the test images."""
     scores = {}
     for label, (model, gaussian) in samplers.items():
         samples = decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
         if not samples.isfinite().all():
             raise utils.ProjectError(f"the samples of {label} are NaN or infinite (the model's "
                                      "weights overflow); retrain it with a lower --lr")
-        scores[label] = sample_quality(classifier, samples, reference)
+        scores[label] = {**sample_quality(classifier, samples, reference),
+                         "sharpness": sharpness(samples, test_images)}
     return scores
 
 
@@ -433,6 +486,43 @@ def with_bootstrap(features, reference_features, *, resamples=50, seed=0):
              for _ in range(resamples)]
     return {"mean": frechet_distance(features, reference),
             "standard_error": torch.tensor(draws, dtype=torch.float64).std().item()}
+
+
+COMPARISON_COLUMNS = [  # (key, title, format) of each comparison_row
+    ("test_loss", "test loss: -ELBO (AE: BCE)", "{:.2f}"), ("test_nll_iwae", "IWAE bound", "{:.2f}"),
+    ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
+    ("frechet_distance", "samples: Frechet distance", "{:.1f}"),
+    ("confident_share", "confident", "{:.1%}"), ("sample_sharpness", "sharpness: samples", "{:.2f}"),
+    ("reconstruction_sharpness", "reconstructions", "{:.2f}"),
+    ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("epochs", "epochs", "{}")]
+
+
+def comparison_row(scores, kind):
+    """The numbers --compare tabulates for one model, from its run's metrics.json: its
+    likelihood (the test losses stay the ELBO's whatever it trained on), reconstructions, prior
+    samples and speed; a number the file lacks (written before it existed) is left out."""
+    model = scores[kind]
+    samples = scores["samples"][f"{kind.upper()}, z ~ N(0, I)"]
+    row = {"test_loss": model["test"]["loss"],
+           "test_nll_iwae": model.get("test_nll_iwae", {}).get("nats"),
+           "psnr": model["reconstruction"]["psnr"], "ssim": model["reconstruction"]["ssim"],
+           "frechet_distance": samples["frechet_distance"],
+           "confident_share": samples["confident_share"],
+           "sample_sharpness": samples.get("sharpness"),
+           "reconstruction_sharpness": model["reconstruction"].get("sharpness"),
+           "seconds_per_epoch": model["seconds_per_epoch"], "epochs": model["epochs"],
+           "arch": model["config"]["arch"], "flags": model["flags"]}
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def comparison_table(table):
+    """{label: comparison_row} -> a Markdown table, a row per model."""
+    lines = ["| run | " + " | ".join(title for _, title, _ in COMPARISON_COLUMNS) + " |",
+             "|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    for label, row in table.items():
+        cells = [form.format(row[key]) if key in row else "-" for key, _, form in COMPARISON_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 STUDY_COLUMNS = [("mse", "MSE per pixel"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"),

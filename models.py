@@ -1,10 +1,12 @@
 """The models and their losses, pure: a plain autoencoder (AE) and a variational autoencoder (VAE).
 No files, no devices, no training loop and no scores here (metrics.py scores them).
 
-Both autoencoders share one encoder/decoder shape (an MLP, or a small convnet with --arch conv) and
-compute their own loss, so that main.py's training loop treats them alike: `loss, parts = model(x)`.
+Both autoencoders share one encoder/decoder shape (an MLP, a small convnet with --arch conv, or
+residual blocks with attention with --arch resnet) and compute their own loss, so that main.py's training loop treats them alike: `loss, parts = model(x)`.
 Images are flattened to 784 pixels in [0, 1]. Read the AE, then the VAE: what it adds is
-`posterior`, `reparameterize`, the KL term and `log_importance_weights`.
+`posterior`, `reparameterize`, the KL term and `log_importance_weights`. After them, the extra
+training terms that make decodes sharper (TrainingObjective): a perceptual distance in a small
+frozen CNN's features (PerceptualNet) and a PatchGAN discriminator's hinge loss (Adversary).
 """
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ class ModelConfig:
     latent_dim: int = 20
     hidden_dim: int = 400
     image_dim: int = 784  # 28 * 28 pixels, flattened
-    arch: str = "mlp"  # "mlp" or "conv"
+    arch: str = "mlp"  # "mlp", "conv" or "resnet" (hidden_dim: the linear layer to and from the code)
     hidden_layers: int = 1  # MLP hidden layers in the encoder and in the decoder
     beta: float = 1.0  # weight of the KL term in the VAE's training loss (1: the ELBO)
 
@@ -33,10 +35,12 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.latent_dim, self.beta = latent_dim, beta
         outputs = self.encoder_outputs(latent_dim)
-        if arch == "conv":
-            assert image_dim == 784, "the conv architecture is built for 28x28 images"
-            self.encoder = conv_encoder(hidden_dim, outputs)
-            self.decoder = conv_decoder(latent_dim, hidden_dim)
+        if arch in ("conv", "resnet"):
+            assert image_dim == 784, f"the {arch} architecture is built for 28x28 images"
+            encoder, decoder = (conv_encoder, conv_decoder) if arch == "conv" else \
+                (resnet_encoder, resnet_decoder)
+            self.encoder = encoder(hidden_dim, outputs)
+            self.decoder = decoder(latent_dim, hidden_dim)
         else:
             self.encoder = mlp(image_dim, hidden_dim, outputs, hidden_layers)
             self.decoder = mlp(latent_dim, hidden_dim, image_dim, hidden_layers)
@@ -57,8 +61,13 @@ class Autoencoder(nn.Module):
         """x: (B, 784) -> (loss, parts): the loss per image in nats, averaged over the batch.
         kl_warmup and noise (the VAE's generator for z) are accepted so that the training loop
         treats both models alike: the AE has no KL term and draws nothing."""
-        reconstruction = bernoulli_nll(self.decode(self.encode(x)), x)
-        return reconstruction, {"bce": reconstruction.detach()}
+        return self.terms(x, kl_warmup, noise)[:2]
+
+    def terms(self, x, kl_warmup=1.0, noise=None):
+        """forward's (loss, parts) and the decoded pixel logits (B, 784) they came from."""
+        logits = self.decode(self.encode(x))
+        reconstruction = bernoulli_nll(logits, x)
+        return reconstruction, {"bce": reconstruction.detach()}, logits
 
 
 class VAE(Autoencoder):
@@ -80,12 +89,16 @@ class VAE(Autoencoder):
     def forward(self, x, kl_warmup=1.0, noise=None):
         """kl_warmup in [0, 1] scales the KL weight beta during a warm-up; the parts are always
         unweighted, so bce + kl is the negative ELBO. noise: the torch.Generator that draws z."""
+        return self.terms(x, kl_warmup, noise)[:2]
+
+    def terms(self, x, kl_warmup=1.0, noise=None):
         mu, logvar = self.posterior(x)
         z = reparameterize(mu, logvar, noise)  # sampled in eval mode too: the sampled test ELBO
-        reconstruction = bernoulli_nll(self.decode(z), x)
+        logits = self.decode(z)
+        reconstruction = bernoulli_nll(logits, x)
         kl = kl_to_standard_normal(mu, logvar)
         loss = reconstruction + (kl_warmup * self.beta) * kl
-        return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}
+        return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}, logits
 
     def log_importance_weights(self, x, num_samples, noise=None):
         """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B).
@@ -141,6 +154,124 @@ def build_model(config):
         arch=config.arch, hidden_layers=config.hidden_layers, beta=config.beta)
 
 
+# ------------------------------------------------- extra training terms: perceptual, adversarial
+
+class PerceptualNet(nn.Module):
+    """A small CNN trained on the dataset's labels whose feature maps measure how far a decode is
+    from its image. Not the scoring classifier (metrics.DigitClassifier): another shape (SiLU,
+    strided convolutions, 24 and 48 channels) and another seed, so that training against it
+    does not game the sample scores. (B, 784) -> (B, 10) logits; feature_maps() the two maps."""
+
+    def __init__(self, *, num_classes=10):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 24, 3, stride=2, padding=1),
+                          nn.SiLU()),  # (B, 24, 14, 14)
+            nn.Sequential(nn.Conv2d(24, 48, 3, stride=2, padding=1), nn.SiLU()),  # (B, 48, 7, 7)
+        ])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(48 * 7 * 7, num_classes))
+
+    def feature_maps(self, x):
+        maps = []
+        for block in self.blocks:
+            x = block(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, x):
+        return self.head(self.feature_maps(x)[-1])
+
+
+def perceptual_distance(network, decoded, images):
+    """Per image, the squared distance between the unit-normalised feature vectors of `decoded`
+    and of `images` (B, 784, in [0, 1]) at each position of each feature map, summed over the
+    positions and the maps (as LPIPS, without its learned weights); mean over the batch."""
+    with torch.no_grad():
+        targets = network.feature_maps(images)
+    total = 0.0
+    for ours, theirs in zip(network.feature_maps(decoded), targets):  # (B, C, H, W) each
+        distance = (unit_channels(ours) - unit_channels(theirs)).pow(2).sum(dim=1)  # (B, H, W)
+        total = total + distance.sum(dim=(1, 2)).mean()
+    return total
+
+
+def unit_channels(feature_map, eps=1e-10):
+    return feature_map / (feature_map.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class Adversary(nn.Module):
+    """A PatchGAN discriminator (Isola et al. 2017) and its hinge loss: two strided 4x4
+    convolutions with LeakyReLU, then one logit per patch: (B, 784) -> (B, 1, 7, 7)."""
+
+    def __init__(self, *, channels=32):
+        super().__init__()
+        self.discriminator = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # (B, C, 14, 14)
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1),  # (B, 2C, 7, 7)
+            nn.LeakyReLU(0.2), nn.Conv2d(2 * channels, 1, 3, padding=1),  # (B, 1, 7, 7)
+        )
+
+    def forward(self, images):
+        return self.discriminator(images)
+
+    def discriminator_loss(self, real, fake):
+        """The hinge loss: mean relu(1 - D(real)) + mean relu(1 + D(fake)), halved as in
+        taming-transformers; `fake` is detached, so that this loss never reaches the model."""
+        return 0.5 * (torch.relu(1 - self(real)).mean() + torch.relu(1 + self(fake.detach())).mean())
+
+    def model_loss(self, fake):
+        """The model's adversarial term: -mean D(decode)."""
+        return -self(fake).mean()
+
+
+def adaptive_weight(reconstruction, adversarial, last_layer, *, eps=1e-4, most=1e4):
+    """||d reconstruction / d last_layer|| / (||d adversarial / d last_layer|| + eps), clamped to
+    [0, most] and detached: the adversarial term's gradient at the decoder's last layer then has
+    the reconstruction's size (taming-transformers, calculate_adaptive_weight)."""
+    rec_grad, = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)
+    adv_grad, = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
+    return (rec_grad.norm() / (adv_grad.norm() + eps)).clamp(0, most).detach()
+
+
+class TrainingObjective(nn.Module):
+    """The model's loss plus the extra terms: perceptual_weight * perceptual_distance and
+    adversarial_weight * adaptive_weight * (-mean D(decode)) once `adversarial_on`. forward
+    returns (loss, parts) like the model's: the likelihood parts (bce, kl) as they are, the extra
+    terms, weighted, as "perceptual" and "adversarial"; `decoded` keeps the last decodes
+    (detached) for the discriminator's step. Its own parameters: the frozen perceptual network
+    and the adversary; the model's optimizer holds only the model's."""
+
+    def __init__(self, *, model, perceptual_weight=0.0, perceptual=None, adversarial_weight=0.0,
+                 adversary=None):
+        super().__init__()
+        self.model, self.perceptual, self.adversary = model, perceptual, adversary
+        self.perceptual_weight, self.adversarial_weight = perceptual_weight, adversarial_weight
+        self.adversarial_on, self.decoded = False, None
+        if perceptual is not None:
+            perceptual.requires_grad_(False)
+        layers = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d,
+                                                                        nn.ConvTranspose2d))]
+        self.last_layer = layers[-1].weight  # where the adaptive weight compares gradients
+
+    def forward(self, x, kl_warmup=1.0, noise=None):
+        loss, parts, logits = self.model.terms(x, kl_warmup, noise)
+        decoded = torch.sigmoid(logits.float())  # (B, 784) in [0, 1]
+        self.decoded = decoded.detach()
+        if self.perceptual_weight > 0:
+            term = self.perceptual_weight * perceptual_distance(self.perceptual, decoded, x)
+            loss, parts["perceptual"] = loss + term, term.detach()
+        if self.adversarial_weight > 0 and self.adversarial_on:
+            adversarial = self.adversary.model_loss(decoded)
+            # the loss so far: its gradient at the decoder's last layer is the reconstruction's
+            # (with the perceptual term's); the KL term does not reach the decoder
+            weight = adaptive_weight(loss, adversarial, self.last_layer) \
+                if torch.is_grad_enabled() else torch.ones(())
+            term = self.adversarial_weight * weight * adversarial
+            loss, parts["adversarial"] = loss + term, term.detach()
+        return loss, parts
+
+
 # ------------------------------------------------------------------------- encoders and decoders
 
 def mlp(in_dim, hidden_dim, out_dim, hidden_layers=1):
@@ -167,6 +298,71 @@ def conv_decoder(latent_dim, hidden_dim):
         mlp(latent_dim, hidden_dim, 64 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
         nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
         nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
+        nn.Flatten(),
+    )
+
+
+RESNET_CHANNELS = (16, 32)  # the resnet's channels at 14x14 and at 7x7 (sized for a 2-core CPU)
+
+
+class ResBlock(nn.Module):
+    """x + conv(SiLU(GroupNorm(conv(SiLU(GroupNorm(x)))))): (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, *, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class SelfAttention(nn.Module):
+    """One head of self-attention over the H*W positions, residual: (B, C, H, W) -> the same."""
+
+    def __init__(self, *, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (B, HW, C)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return x + self.out(attended.transpose(1, 2).reshape(b, c, h, w))
+
+
+def resnet_middle(channels):
+    """The middle block at 7x7: a residual block, attention over the 49 positions, another."""
+    return [ResBlock(channels=channels), SelfAttention(channels=channels),
+            ResBlock(channels=channels)]
+
+
+def resnet_encoder(hidden_dim, out_dim):
+    """(B, 784) -> (B, out_dim): down blocks 28 -> 14 -> 7 (a stride-2 convolution, then a
+    residual block), the middle block, then a linear layer of hidden_dim units."""
+    c1, c2 = RESNET_CHANNELS
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, c1, 4, stride=2, padding=1), ResBlock(channels=c1),  # (B, c1, 14, 14)
+        nn.Conv2d(c1, c2, 4, stride=2, padding=1), ResBlock(channels=c2),  # (B, c2, 7, 7)
+        *resnet_middle(c2), nn.GroupNorm(8, c2), nn.SiLU(),
+        nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim),
+    )
+
+
+def resnet_decoder(latent_dim, hidden_dim):
+    """(B, latent_dim) -> (B, 784) logits: the mirror image of resnet_encoder. Nothing reaches it
+    from the encoder but z (no U-Net skips), so that it decodes z ~ N(0, I) as it decodes codes."""
+    c1, c2 = RESNET_CHANNELS
+    return nn.Sequential(
+        nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, c2 * 7 * 7),
+        nn.Unflatten(1, (c2, 7, 7)), *resnet_middle(c2),
+        ResBlock(channels=c2), nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
+        ResBlock(channels=c1), nn.GroupNorm(8, c1), nn.SiLU(),
+        nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
         nn.Flatten(),
     )
 

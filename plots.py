@@ -21,7 +21,7 @@ from torch import nn
 
 import metrics
 import utils
-from models import build_model
+from models import ResBlock, SelfAttention, build_model
 from utils import IMAGE_SIDE
 
 
@@ -153,6 +153,29 @@ def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
         show(ax, grid_image(row_images, count))
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=13)
     figure.suptitle(f"{dataset.title} test images and their reconstructions", fontsize=12)
+    utils.save_figure(figure, path)
+
+
+def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0):
+    """comparison.png: a column per run ({label: model}): 64 decodes of z ~ N(0, I) (the same
+    draws for each model of a latent size) above its reconstructions of the first `count` test
+    images; the first column shows real test images."""
+    real = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    columns = [("real test images", real[count:count + n_side**2], real[:count])]
+    for label, model in models.items():
+        prior = metrics.Gaussian.standard(model.latent_dim, images.device)
+        samples = metrics.decode_images(model, prior.sample(n_side**2, seed))
+        codes = metrics.encode(model, images[:count])[0]  # the VAE's: posterior means
+        columns.append((label, samples, metrics.decode_images(model, codes)))
+    figure = Figure(figsize=(2.3 * len(columns), 4.4), layout="constrained")
+    axes = figure.subplots(2, len(columns), height_ratios=[2, 1])
+    for (top, bottom), (label, samples, reconstructions) in zip(axes.T, columns):
+        show(top, grid_image(samples, n_side), label.replace(" ", "\n", 1))
+        show(bottom, grid_image(reconstructions, count // 4))
+    axes[0, 0].set_ylabel("z ~ N(0, I)", fontsize=11)
+    axes[1, 0].set_ylabel("reconstructions", fontsize=11)
+    figure.suptitle("Samples from the prior (top) and reconstructions of the first 16 test "
+                    "images (bottom), per run", fontsize=12)
     utils.save_figure(figure, path)
 
 
@@ -482,7 +505,7 @@ def architecture_figure(configs):
     figure = Figure(figsize=(5.6 * len(names), height), layout="constrained")
     for ax, name in zip(np.atleast_1d(figure.subplots(1, len(names))), names):
         draw_blocks(ax, rows[name])
-        ax.set_title(f"{name}{' (convolutional)' if configs[name].arch == 'conv' else ''}\n"
+        ax.set_title(f"{name}{ARCH_TITLES.get(configs[name].arch, '')}\n"
                      f"{size_chain(configs[name], *steps[name])}", fontsize=11)
     kinds = {block[1] for panel in rows.values() for row in panel for block in row}
     handles = [Patch(facecolor=BLOCK_COLOURS[kind], edgecolor="#555", label=label)
@@ -494,6 +517,9 @@ def architecture_figure(configs):
                     + (" (the VAE is the AE plus the orange parts)" if len(names) > 1 else ""),
                     fontsize=12)
     return figure
+
+
+ARCH_TITLES = {"conv": " (convolutional)", "resnet": " (residual blocks, attention)"}
 
 
 def model_steps(config):
@@ -510,11 +536,13 @@ def layer_steps(sequential, x):
     """Run x (a meta tensor) through `sequential`'s layers: ([label, output size] per Linear or
     convolution, a ReLU or a reshape after it joined to it; the output)."""
     steps = []
-    for layer in (module for module in sequential.modules() if not list(module.children())):
+    for layer in diagram_layers(sequential):
         x = layer(x)
         size = " x ".join(str(n) for n in x.shape[1:])
-        if isinstance(layer, nn.ReLU):
-            steps[-1][0] += " + ReLU"
+        if isinstance(layer, (nn.ReLU, nn.SiLU, nn.GroupNorm)):
+            steps[-1][0] += f" + {type(layer).__name__}"
+        elif isinstance(layer, (ResBlock, SelfAttention)):
+            steps.append([DIAGRAM_BLOCKS[type(layer)], size])
         elif isinstance(layer, nn.Unflatten) and steps:
             steps[-1][1] += f" = {size}"
         elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -525,6 +553,19 @@ def layer_steps(sequential, x):
             steps.append(["Linear", size])
         # a Flatten, or the encoder's first reshape: the next layer's input says it
     return steps, x
+
+
+DIAGRAM_BLOCKS = {ResBlock: "residual block (GroupNorm, SiLU, 3x3 conv, twice)",
+                  SelfAttention: "self-attention over the positions"}
+
+
+def diagram_layers(module):
+    """The layers of `module` in order, a residual or attention block as one layer."""
+    for child in module.children():
+        if isinstance(child, tuple(DIAGRAM_BLOCKS)) or not list(child.children()):
+            yield child
+        else:
+            yield from diagram_layers(child)
 
 
 def architecture_rows(config, encoder, decoder):

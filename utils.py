@@ -252,6 +252,15 @@ def write_atomically(path, write):
         temporary.unlink(missing_ok=True)
 
 
+def load_json(path):
+    """A JSON file read whole; one line naming it where it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ProjectError(f"{path} cannot be read ({first_line(error, 80)}); write it with "
+                           "python main.py --eval and that run's --figure-dir") from None
+
+
 def save_json(path, data):
     text = json.dumps(data, indent=2) + "\n"
     write_atomically(path, lambda temporary: temporary.write_text(text))
