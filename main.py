@@ -122,7 +122,8 @@ def add_training_flags(group):
                             "the decode and of the image (the CNN trained once per dataset, cached "
                             "in checkpoints/perceptual-DATASET.pt; never the scoring one); 0: off")
     group.add_argument("--adversarial-weight", metavar="W", type=number(float, 0), default=0.0,
-                       help="add W times a PatchGAN discriminator's term -mean D(decode), scaled by "
+                       help="add W times a PatchGAN discriminator's term -mean D(decode), scaled "
+                            "by "
                             "the adaptive ratio of gradient norms at the decoder's last layer; the "
                             "discriminator trains on the hinge loss; 0: off")
     group.add_argument("--adversarial-start", metavar="EPOCHS", type=number(int, 0), default=0,
@@ -682,8 +683,8 @@ def slim_checkpoints(checkpoints, checkpoint_dir):
 def comparison_runs(args):
     """[(label, kind, checkpoint path, metrics.json path)]: the reference VAE and AE, then each
     run under CHECKPOINT_DIR/comparison/, by name."""
-    runs = [(f"{MODEL_NAMES[kind]} (reference)", kind, checkpoint_files.checkpoint_path(args.checkpoint_dir,
-                                                                             kind),
+    runs = [(f"{MODEL_NAMES[kind]} (reference)", kind,
+             checkpoint_files.checkpoint_path(args.checkpoint_dir, kind),
              Path(args.figure_dir) / "metrics.json") for kind in MODEL_NAMES]
     folder = Path(args.checkpoint_dir) / "comparison"
     for run_dir in sorted(folder.glob("*/")) if folder.is_dir() else []:

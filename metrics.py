@@ -489,10 +489,12 @@ def with_bootstrap(features, reference_features, *, resamples=50, seed=0):
 
 
 COMPARISON_COLUMNS = [  # (key, title, format) of each comparison_row
-    ("test_loss", "test loss: -ELBO (AE: BCE)", "{:.2f}"), ("test_nll_iwae", "IWAE bound", "{:.2f}"),
+    ("test_loss", "test loss: -ELBO (AE: BCE)", "{:.2f}"),
+    ("test_nll_iwae", "IWAE bound", "{:.2f}"),
     ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
     ("frechet_distance", "samples: Frechet distance", "{:.1f}"),
-    ("confident_share", "confident", "{:.1%}"), ("sample_sharpness", "sharpness: samples", "{:.2f}"),
+    ("confident_share", "confident", "{:.1%}"),
+    ("sample_sharpness", "sharpness: samples", "{:.2f}"),
     ("reconstruction_sharpness", "reconstructions", "{:.2f}"),
     ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("epochs", "epochs", "{}")]
 
@@ -520,7 +522,8 @@ def comparison_table(table):
     lines = ["| run | " + " | ".join(title for _, title, _ in COMPARISON_COLUMNS) + " |",
              "|---|" + "---|" * len(COMPARISON_COLUMNS)]
     for label, row in table.items():
-        cells = [form.format(row[key]) if key in row else "-" for key, _, form in COMPARISON_COLUMNS]
+        cells = [form.format(row[key]) if key in row else "-"
+                 for key, _, form in COMPARISON_COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 No files, no devices, no training loop and no scores here (metrics.py scores them).
 
 Both autoencoders share one encoder/decoder shape (an MLP, a small convnet with --arch conv, or
-residual blocks with attention with --arch resnet) and compute their own loss, so that main.py's training loop treats them alike: `loss, parts = model(x)`.
+residual blocks with attention with --arch resnet) and compute their own loss, so that main.py's
+training loop treats them alike: `loss, parts = model(x)`.
 Images are flattened to 784 pixels in [0, 1]. Read the AE, then the VAE: what it adds is
 `posterior`, `reparameterize`, the KL term and `log_importance_weights`. After them, the extra
 training terms that make decodes sharper (TrainingObjective): a perceptual distance in a small
@@ -21,7 +22,7 @@ class ModelConfig:
     latent_dim: int = 20
     hidden_dim: int = 400
     image_dim: int = 784  # 28 * 28 pixels, flattened
-    arch: str = "mlp"  # "mlp", "conv" or "resnet" (hidden_dim: the linear layer to and from the code)
+    arch: str = "mlp"  # "mlp", "conv" or "resnet" (there hidden_dim: the linear layer to/from z)
     hidden_layers: int = 1  # MLP hidden layers in the encoder and in the decoder
     beta: float = 1.0  # weight of the KL term in the VAE's training loss (1: the ELBO)
 
@@ -218,7 +219,8 @@ class Adversary(nn.Module):
     def discriminator_loss(self, real, fake):
         """The hinge loss: mean relu(1 - D(real)) + mean relu(1 + D(fake)), halved as in
         taming-transformers; `fake` is detached, so that this loss never reaches the model."""
-        return 0.5 * (torch.relu(1 - self(real)).mean() + torch.relu(1 + self(fake.detach())).mean())
+        real_loss, fake_loss = torch.relu(1 - self(real)), torch.relu(1 + self(fake.detach()))
+        return 0.5 * (real_loss.mean() + fake_loss.mean())
 
     def model_loss(self, fake):
         """The model's adversarial term: -mean D(decode)."""
@@ -360,7 +362,8 @@ def resnet_decoder(latent_dim, hidden_dim):
     return nn.Sequential(
         nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, c2 * 7 * 7),
         nn.Unflatten(1, (c2, 7, 7)), *resnet_middle(c2),
-        ResBlock(channels=c2), nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
+        ResBlock(channels=c2),
+        nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
         ResBlock(channels=c1), nn.GroupNorm(8, c1), nn.SiLU(),
         nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
         nn.Flatten(),

@@ -234,7 +234,7 @@ def is_out_of_memory(error):
             or "can't allocate memory" in text or "out of memory" in text)
 
 
-# ----------------------------------------------------------- files: written whole, in locked folders
+# ---------------------------------------------------------- files: written whole, in locked folders
 
 def write_atomically(path, write):
     """Call write(temporary_path), then rename it over `path`: a crash, kill -9 or full disk
