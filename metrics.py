@@ -58,8 +58,10 @@ def laplacian_energy(images):
 
 
 def sharpness(images, real_images):
-    """Mean squared Laplacian of `images` over that of `real_images` (N, 784): 1.0 = as sharp."""
-    return (laplacian_energy(images).mean() / laplacian_energy(real_images).mean()).item()
+    """Mean squared Laplacian of `images` over that of `real_images` (N, 784): 1.0 = as sharp.
+    real_images may be given as laplacian_energy(real_images).mean(), to reuse it."""
+    reference = real_images if real_images.ndim == 0 else laplacian_energy(real_images).mean()
+    return (laplacian_energy(images).mean() / reference).item()
 
 
 @torch.inference_mode()
@@ -422,14 +424,14 @@ def make_samplers(models, train_images):
 def score_samples(samplers, classifier, test_images, reference, count):
     """Frechet distance, confident share, class entropy and sharpness of `count` samples of each
     sampler; reference: the classifier's features of the test images."""
-    scores = {}
+    scores, real_energy = {}, laplacian_energy(test_images).mean()
     for label, (model, gaussian) in samplers.items():
         samples = decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
         if not samples.isfinite().all():
             raise utils.ProjectError(f"the samples of {label} are NaN or infinite (the model's "
                                      "weights overflow); retrain it with a lower --lr")
         scores[label] = {**sample_quality(classifier, samples, reference),
-                         "sharpness": sharpness(samples, test_images)}
+                         "sharpness": sharpness(samples, real_energy)}
     return scores
 
 

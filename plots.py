@@ -524,9 +524,10 @@ ARCH_TITLES = {"conv": " (convolutional)", "resnet": " (residual blocks, attenti
 
 def model_steps(config):
     """(encoder steps, decoder steps) of the model `config` builds, each [label, output size], from
-    the model itself built on the meta device (shapes without weights or arithmetic)."""
-    with torch.device("meta"):
-        model = build_model(config)
+    the model itself run on one blank image (on the CPU: the meta device's first use costs a second),
+    its random initial weights drawn outside torch's global random state."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = build_model(config).eval()
         encoder, _ = layer_steps(model.encoder, torch.zeros(1, config.image_dim))
         decoder, _ = layer_steps(model.decoder, torch.zeros(1, config.latent_dim))
     return encoder, decoder
