@@ -123,9 +123,8 @@ def add_training_flags(group):
                             "in checkpoints/perceptual-DATASET.pt; never the scoring one); 0: off")
     group.add_argument("--adversarial-weight", metavar="W", type=number(float, 0), default=0.0,
                        help="add W times a PatchGAN discriminator's term -mean D(decode), scaled "
-                            "by "
-                            "the adaptive ratio of gradient norms at the decoder's last layer; the "
-                            "discriminator trains on the hinge loss; 0: off")
+                            "by the adaptive ratio of gradient norms at the decoder's last layer; "
+                            "the discriminator trains on the hinge loss; 0: off")
     group.add_argument("--adversarial-start", metavar="EPOCHS", type=number(int, 0), default=0,
                        help="epochs trained before the adversarial term and the discriminator "
                             "start")
@@ -390,7 +389,11 @@ class DiscriminatorStep:
         if problem:
             raise utils.ProjectError(f"{path}: its discriminator: {problem}; retrain")
         self.adversary.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:  # as resume_training treats the model's own Adam
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise utils.ProjectError(f"{path}: its discriminator's optimizer cannot be restored "
+                                     f"({utils.first_line(error, 80)}); retrain") from None
 
 
 def restore_training_state(checkpoint, model, optimizer, shuffle, noise, device):
