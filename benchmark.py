@@ -18,6 +18,7 @@ code under that mode, not the tutorial's process; time that with its own script.
     python benchmark.py
     python benchmark.py --precision bf16
     python benchmark.py --arch resnet --hidden-dim 128 --models vae   # (a) only: no tutorial twin
+    python benchmark.py --models vae --perceptual-weight 1 --adversarial-weight 0.5   # (a) only
 """
 import argparse
 import gzip
@@ -34,7 +35,7 @@ from torch import nn
 
 import main
 import utils
-from models import ModelConfig, build_model
+from models import Adversary, ModelConfig, PerceptualNet, TrainingObjective, build_model
 
 PROJECT, TUTORIAL, FLOOR = ("(a) this project", "(b) tutorial DataLoader + ToTensor",
                             "(c) compute floor (matmuls only)")
@@ -42,13 +43,30 @@ SIDE_BY_SIDE = "(a) side by side, as main.py trains"
 
 
 def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None, *,
-                  arch="mlp", hidden_dim=400):
+                  arch="mlp", hidden_dim=400, perceptual_weight=0.0, adversarial_weight=0.0):
     model = build_model(ModelConfig(kind=kind, arch=arch, hidden_dim=hidden_dim)).to(device)
     optimizer = main.make_optimizer(model, 1e-3, device)
+    objective, critic = with_extra_terms(model, perceptual_weight, adversarial_weight, device)
     shuffle, noise = (torch.Generator(device).manual_seed(0) for _ in range(2))
-    return lambda: main.train_epoch(model, optimizer, train_images, batch_size=batch_size,
+    return lambda: main.train_epoch(objective, optimizer, train_images, batch_size=batch_size,
                                     shuffle=shuffle, noise=noise, precision=precision,
-                                    description=f"(a) {kind}", bar_position=bar_position)
+                                    description=f"(a) {kind}", bar_position=bar_position,
+                                    critic=critic)
+
+
+def with_extra_terms(model, perceptual_weight, adversarial_weight, device):
+    """(objective, discriminator step) as main.attach_objective builds them, the adversarial term
+    on from the first step; the perceptual CNN untrained, since its weights do not change the time."""
+    if not (perceptual_weight > 0 or adversarial_weight > 0):
+        return model, None
+    critic = main.DiscriminatorStep(Adversary().to(device), 1e-3, device) \
+        if adversarial_weight > 0 else None
+    objective = TrainingObjective(
+        model=model, perceptual_weight=perceptual_weight, adversarial_weight=adversarial_weight,
+        perceptual=PerceptualNet().to(device) if perceptual_weight > 0 else None,
+        adversary=critic.adversary if critic else None)
+    objective.adversarial_on = True
+    return objective, critic
 
 
 def side_by_side_epoch(kinds, train_images, batch_size, device, precision, **shape):
@@ -182,12 +200,14 @@ def timed(run, device):
 def methods_to_time(args, train_images, root, device):
     """{(models, method): one epoch}, for each model and, on a CPU, for both side by side."""
     steps = -(-len(train_images) // args.batch_size)
-    methods, shape = {}, {"arch": args.arch, "hidden_dim": args.hidden_dim}
+    methods, shape = {}, {"arch": args.arch, "hidden_dim": args.hidden_dim,
+                          "perceptual_weight": args.perceptual_weight,
+                          "adversarial_weight": args.adversarial_weight}
     for kind in args.models:
         methods[kind, PROJECT] = project_epoch(kind, train_images, args.batch_size, device,
                                                args.precision, **shape)
-        if args.arch != "mlp":
-            continue  # the tutorial and the floor are the MLP's
+        if args.arch != "mlp" or args.perceptual_weight > 0 or args.adversarial_weight > 0:
+            continue  # the tutorial and the floor are the plain MLP's
         methods[kind, TUTORIAL] = tutorial_epoch(kind, root, args.batch_size, device)
         methods[kind, FLOOR] = floor_epoch(kind, steps, args.batch_size, device, args.precision)
     if device.type == "cpu" and len(args.models) > 1:
@@ -248,6 +268,11 @@ def main_benchmark(argv=None):
                         help="as main.py --hidden-dim")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="of (a) and (c), as main.py --precision")
+    parser.add_argument("--perceptual-weight", type=main.number(float, 0), default=0.0,
+                        help="as main.py --perceptual-weight; above 0: (a) only")
+    parser.add_argument("--adversarial-weight", type=main.number(float, 0), default=0.0,
+                        help="as main.py --adversarial-weight, on from the first step; above 0: "
+                             "(a) only")
     args = parser.parse_args(argv)
     try:
         device = utils.pick_device(args.device)
@@ -259,7 +284,8 @@ def main_benchmark(argv=None):
     steps = -(-len(train_images) // args.batch_size)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, --arch {args.arch} --hidden-dim "
-          f"{args.hidden_dim}, {args.precision} (a) and (c), "
+          f"{args.hidden_dim} --perceptual-weight {args.perceptual_weight:g} --adversarial-weight "
+          f"{args.adversarial_weight:g}, {args.precision} (a) and (c), "
           f"batch {args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
     with tempfile.TemporaryDirectory() as folder:
         methods = methods_to_time(args, train_images, stage_for_torchvision(args.data_dir, folder),

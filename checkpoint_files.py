@@ -140,6 +140,8 @@ def state_dict_problem(state, expected):
     """What keeps the tensors `state` (read from a file) from being loaded where `expected` (a
     model's own state_dict) stands, in a few words, or None: a name missing or extra, a tensor of
     another shape or dtype, a value that is NaN or infinite."""
+    if not isinstance(state, dict):
+        return f"its weights are {brief(state)}, not a table of tensors"
     missing = [name for name in expected if name not in state]
     extra = [name for name in state if name not in expected]
     if missing or extra:
@@ -153,6 +155,32 @@ def state_dict_problem(state, expected):
         if tensor.is_floating_point() and not tensor.isfinite().all():
             return f"its weight {name} holds NaN or infinite values"
     return None
+
+
+def restore_adam(optimizer, saved):
+    """Load Adam's `saved` state_dict into `optimizer`, built as this project builds it, or raise
+    ValueError (or the error load_state_dict raises): its settings must be the optimizer's own
+    but for the learning rate (a schedule changes it), a positive number; its moments must fit
+    their weights and be finite. A damaged file then fails here, not inside Adam's step."""
+    settings = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                for group in optimizer.state_dict()["param_groups"]]
+    if not isinstance(saved, dict):
+        raise ValueError(f"its Adam state is {brief(saved)}")
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(settings) or any(
+            not isinstance(group, dict) or repr([group[key] for key in own if key in group]) !=
+            repr([own[key] for key in own if key in group])  # a setting an older torch lacks
+            or not is_finite_number(group.get("lr")) or group["lr"] <= 0
+            for group, own in zip(groups, settings)):
+        raise ValueError("its settings are not those of the Adam this project trains with")
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for name, value in optimizer.state[parameter].items():  # step, exp_avg, exp_avg_sq
+                if not isinstance(value, torch.Tensor) or value.dtype != parameter.dtype \
+                        or value.shape != (() if name == "step" else parameter.shape) \
+                        or not value.isfinite().all() or (name != "exp_avg" and (value < 0).any()):
+                    raise ValueError("Adam's moments do not fit the weights or are not finite")
 
 
 def saved_epochs(paths):

@@ -384,14 +384,15 @@ class DiscriminatorStep:
     def restore(self, checkpoint, path):
         state = checkpoint.get("adversary")
         if not isinstance(state, dict) or "model" not in state:
-            return  # resumed before the adversarial term was switched on: a fresh one
+            raise utils.ProjectError(f"{path}: its discriminator is missing, though it trained "
+                                     "with --adversarial-weight; retrain")
         problem = checkpoint_files.state_dict_problem(state["model"], self.adversary.state_dict())
         if problem:
             raise utils.ProjectError(f"{path}: its discriminator: {problem}; retrain")
         self.adversary.load_state_dict(state["model"])
         try:  # as resume_training treats the model's own Adam
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            checkpoint_files.restore_adam(self.optimizer, state["optimizer"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
             raise utils.ProjectError(f"{path}: its discriminator's optimizer cannot be restored "
                                      f"({utils.first_line(error, 80)}); retrain") from None
 
@@ -399,11 +400,7 @@ class DiscriminatorStep:
 def restore_training_state(checkpoint, model, optimizer, shuffle, noise, device):
     """Adam's moments and the generators' states, as the checkpoint saved them; raises one of
     the errors resume_training catches where the file holds something else."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for parameter in model.parameters():
-        for moment in optimizer.state[parameter].values():
-            if moment.shape not in (parameter.shape, ()) or not moment.isfinite().all():
-                raise ValueError("Adam's moments do not fit the weights or are not finite")
+    checkpoint_files.restore_adam(optimizer, checkpoint["optimizer"])
     rng = checkpoint["rng"]
     if torch.device(checkpoint["device"]).type == device.type and "noise" in rng:
         shuffle.set_state(rng["shuffle"])  # generator states are per kind of device

@@ -156,10 +156,10 @@ def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
     utils.save_figure(figure, path)
 
 
-def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0):
-    """comparison.png: a column per run ({label: model}): 64 decodes of z ~ N(0, I) (the same
-    draws for each model of a latent size) above its reconstructions of the first `count` test
-    images; the first column shows real test images."""
+def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row=5):
+    """comparison.png: a column per run ({label: model}), `per_row` to a row: 64 decodes of
+    z ~ N(0, I) (the same draws for each model of a latent size) above its reconstructions of
+    the first `count` test images; the first column shows real test images."""
     real = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     columns = [("real test images", real[count:count + n_side**2], real[:count])]
     for label, model in models.items():
@@ -167,13 +167,21 @@ def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0):
         samples = metrics.decode_images(model, prior.sample(n_side**2, seed))
         codes = metrics.encode(model, images[:count])[0]  # the VAE's: posterior means
         columns.append((label, samples, metrics.decode_images(model, codes)))
-    figure = Figure(figsize=(2.3 * len(columns), 4.4), layout="constrained")
-    axes = figure.subplots(2, len(columns), height_ratios=[2, 1])
-    for (top, bottom), (label, samples, reconstructions) in zip(axes.T, columns):
+    rows, per_row = -(-len(columns) // per_row), min(per_row, len(columns))
+    figure = Figure(figsize=(2.3 * per_row, 4.4 * rows), layout="constrained")
+    axes = figure.subplots(2 * rows, per_row, height_ratios=[2, 1] * rows, squeeze=False)
+    for index in range(rows * per_row):
+        row, column = divmod(index, per_row)
+        top, bottom = axes[2 * row, column], axes[2 * row + 1, column]
+        if index >= len(columns):  # the last row's empty places
+            top.set_axis_off(), bottom.set_axis_off()
+            continue
+        label, samples, reconstructions = columns[index]
         show(top, grid_image(samples, n_side), label.replace(" ", "\n", 1))
         show(bottom, grid_image(reconstructions, count // 4))
-    axes[0, 0].set_ylabel("z ~ N(0, I)", fontsize=11)
-    axes[1, 0].set_ylabel("reconstructions", fontsize=11)
+    for row in range(rows):
+        axes[2 * row, 0].set_ylabel("z ~ N(0, I)", fontsize=11)
+        axes[2 * row + 1, 0].set_ylabel("reconstructions", fontsize=11)
     figure.suptitle("Samples from the prior (top) and reconstructions of the first 16 test "
                     "images (bottom), per run", fontsize=12)
     utils.save_figure(figure, path)
@@ -512,8 +520,9 @@ def architecture_figure(configs):
                for kind, label in BLOCK_NAMES.items() if kind in kinds]
     figure.legend(handles=handles, loc="outside lower center", fontsize=9,
                   ncols=min(len(handles), 3 * len(names)))
-    figure.suptitle(f"{' and '.join(names)}: the layers and their output sizes, from "
-                    f"{'each checkpoint' if len(names) > 1 else 'the checkpoint'}'s config"
+    figure.suptitle(f"{' and '.join(names)}: the layers and their output sizes, "
+                    + ("from each checkpoint's config" if len(names) > 1 else
+                       "\nfrom the checkpoint's config")  # one panel: too narrow for a line
                     + (" (the VAE is the AE plus the orange parts)" if len(names) > 1 else ""),
                     fontsize=12)
     return figure
@@ -556,7 +565,7 @@ def layer_steps(sequential, x):
     return steps, x
 
 
-DIAGRAM_BLOCKS = {ResBlock: "residual block (GroupNorm, SiLU, 3x3 conv, twice)",
+DIAGRAM_BLOCKS = {ResBlock: "residual block (GroupNorm, SiLU, 3x3 conv) x 2",
                   SelfAttention: "self-attention over the positions"}
 
 
@@ -653,17 +662,18 @@ def draw_arrows(ax, filled):
 
 
 def size_chain(config, encoder, decoder):
-    """The title's '784 -> 400 -> 20 -> 400 -> 784': the size after each block (the VAE's heads:
-    2 x 20), split over two lines when long (conv)."""
-    def short(size):
-        return size.split(" = ")[-1].replace(" x ", "x")
+    """The title's '784 -> 400 -> 20 -> 400 -> 784': the size after each layer (the VAE's heads:
+    2 x 20; not after residual blocks and attention, which keep it), split at the code z over two
+    lines when long."""
+    def short(steps):  # the sizes after each step but the last
+        return [size.split(" = ")[-1].replace(" x ", "x") for label, size in steps[:-1]
+                if not label.startswith(tuple(DIAGRAM_BLOCKS.values()))]
 
     d = config.latent_dim
-    sizes = [str(config.image_dim), *(short(size) for _, size in encoder[:-1])]
-    sizes += [f"2 x {d}", str(d)] if config.kind == "vae" else [str(d)]
-    sizes += [*(short(size) for _, size in decoder[:-1]), str(config.image_dim)]
-    chain = " \u2192 ".join(sizes)
+    code = [f"2 x {d}", str(d)] if config.kind == "vae" else [str(d)]
+    first = [str(config.image_dim), *short(encoder), *code]
+    second = [*short(decoder), str(config.image_dim)]
+    chain = " \u2192 ".join(first + second)
     if len(chain) <= 60:
         return chain
-    middle = len(sizes) - len(decoder)  # the line ends at the code z
-    return " \u2192 ".join(sizes[:middle]) + " \u2192\n" + " \u2192 ".join(sizes[middle:])
+    return " \u2192 ".join(first) + " \u2192\n" + " \u2192 ".join(second)

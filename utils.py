@@ -1,5 +1,5 @@
 """Plumbing, never a model or a score: the IDX files and datasets, devices, files written whole
-(JSON, figures, and through checkpoints.py the checkpoints) in locked folders, threads, signals,
+(JSON, figures, and through checkpoint_files.py the checkpoints) in locked folders, threads, signals,
 the table of phases, and ProjectError, the one-line error a user can fix. Imports nothing of this
 project; nothing runs on import."""
 import contextlib

@@ -248,6 +248,18 @@ def test_principal_axes_have_one_sign_whatever_the_svd_returns():
     assert (axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)) > 0).all()
 
 
+def test_the_comparison_figure_puts_five_columns_to_a_row(tmp_path):
+    from matplotlib.image import imread
+    images = torch.rand(80, 784)
+    sizes = []
+    for runs in (4, 6):  # with the real images: 5 columns in one row, then 7 in two
+        models = {f"run {i}": build_model(ModelConfig(kind="vae", latent_dim=2, hidden_dim=8)) for i in range(runs)}
+        plots.plot_comparison(models, images, tmp_path / f"{runs}.png")
+        sizes.append(imread(tmp_path / f"{runs}.png").shape[:2])
+    (one_row, width), (two_rows, same_width) = sizes
+    assert width == same_width and 1.8 < two_rows / one_row < 2.2, sizes
+
+
 def test_benchmark_times_every_method_and_prints_the_ratios(synthetic_mnist, capsys):
     import benchmark
     benchmark.main_benchmark(["--data-dir", str(synthetic_mnist), "--device", "cpu", "--repeats", "1"])
@@ -258,6 +270,22 @@ def test_benchmark_times_every_method_and_prints_the_ratios(synthetic_mnist, cap
     assert sum("(a) side by side" in row for row in rows) == 1
     ratios = [line for line in rows if "(b)/(a) = " in line and "(a)/(c) = " in line]
     assert len(ratios) == 3, printed
+
+
+def test_benchmark_times_the_resnet_with_both_extra_terms(synthetic_mnist, capsys):
+    import benchmark
+    benchmark.main_benchmark(["--data-dir", str(synthetic_mnist), "--device", "cpu", "--repeats", "1",
+                              "--models", "vae", "--arch", "resnet", "--hidden-dim", "16",
+                              "--perceptual-weight", "1", "--adversarial-weight", "0.5"])
+    printed = capsys.readouterr().out
+    assert "--arch resnet --hidden-dim 16 --perceptual-weight 1 --adversarial-weight 0.5" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("VAE ")]
+    assert len(rows) == 1 and "(a) this project" in rows[0], printed  # no tutorial twin, no floor
+    model = build_model(ModelConfig(kind="vae", hidden_dim=16))
+    objective, critic = benchmark.with_extra_terms(model, 1.0, 0.5, torch.device("cpu"))
+    assert objective.adversarial_on and objective.perceptual is not None  # both terms, from step one
+    assert objective.model is model and objective.adversary is critic.adversary
+    assert benchmark.with_extra_terms(model, 0.0, 0.0, torch.device("cpu")) == (model, None)
 
 
 def test_the_readme_line_links_point_into_the_code_they_name():

@@ -1,6 +1,7 @@
 """Resume, signals in every phase, kill -9, a full disk, out of memory, two runs in one folder, bad checkpoints,
 numerical failure, unwritable folders, fuzzed IDX files."""
 import contextlib
+import copy
 import errno
 import gzip
 import io
@@ -425,6 +426,24 @@ def test_adam_moments_that_do_not_fit_are_one_line_on_resume(trained, capsys):
     main.main(flags(data_dir, out, 1, "--eval"))  # --eval, which needs no optimizer, still works
 
 
+@pytest.mark.parametrize("damage", [
+    lambda adam: adam["state"][0].update(exp_avg_sq=torch.tensor(-0.5)),  # fused Adam aborted the process on it
+    lambda adam: adam["state"][0].update(exp_avg=torch.zeros(2)),
+    lambda adam: adam["param_groups"][0].update(amsgrad=True),  # a KeyError inside Adam's step
+    lambda adam: adam["param_groups"][0].update(lr=None),
+])
+def test_an_adam_state_with_other_settings_or_unfit_moments_is_refused_before_any_step(damage):
+    model = torch.nn.Linear(3, 2)
+    trained = torch.optim.Adam(model.parameters(), fused=True)
+    model(torch.randn(4, 3)).sum().backward()
+    trained.step()
+    saved = copy.deepcopy(trained.state_dict())
+    damage(saved)
+    with pytest.raises(ValueError):
+        checkpoint_files.restore_adam(torch.optim.Adam(model.parameters(), fused=True), saved)
+    checkpoint_files.restore_adam(torch.optim.Adam(model.parameters(), fused=True), trained.state_dict())
+
+
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False),
                  st.text(max_size=5), st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3),
                                                                                               st.integers(), max_size=2),
@@ -439,28 +458,60 @@ def field_paths(checkpoint):
     places += [(record, field) for record in checkpoint["history"] for field in record]
     places += [(record["test"], field) for record in checkpoint["history"] for field in record["test"]]
     places += [(checkpoint["optimizer"]["state"][0], field) for field in checkpoint["optimizer"]["state"][0]]
+    places += [(checkpoint["optimizer"]["param_groups"][0], field) for field in checkpoint["optimizer"]["param_groups"][0]]
     return places
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), mode=st.sampled_from(["--eval", "--resume"]))
 def test_any_field_of_a_checkpoint_replaced_by_anything_gives_a_result_or_one_line(trained_once, data, mode):
-    data_dir, source = trained_once
+    run_with_one_field_replaced(data, trained_once, ["vae.pt", "ae.pt"], field_paths, mode)
+
+
+def run_with_one_field_replaced(data, trained, names, places_of, *extra):
+    """Copy a trained run's checkpoints, replace one field (of places_of(checkpoint)) of one of
+    `names` by anything, then run main with `extra`: it must end in a result or in one line."""
+    data_dir, source = trained
     out = Path(tempfile.mkdtemp())
     shutil.copytree(source / "checkpoints", out / "checkpoints")
-    path = out / "checkpoints" / data.draw(st.sampled_from(["vae.pt", "ae.pt"]))
+    path = out / "checkpoints" / data.draw(st.sampled_from(names))
     checkpoint = torch.load(path, weights_only=True)
-    container, key = data.draw(st.sampled_from(field_paths(checkpoint)))
+    container, key = data.draw(st.sampled_from(places_of(checkpoint)))
     container[key] = data.draw(JUNK)
     torch.save(checkpoint, path)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            main.main(flags(data_dir, out, 2, mode))
+            main.main(flags(data_dir, out, 2, *extra))
         except SystemExit as exited:
             assert exited.code in (1, 2), stderr.getvalue()
             check_error_line(stderr.getvalue())
     shutil.rmtree(out)
+
+
+@pytest.fixture(scope="module")
+def trained_with_a_discriminator(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adversarial")
+    data_dir = make_synthetic_mnist(folder / "mnist")
+    with contextlib.chdir(folder):
+        main.main(flags(data_dir, folder, 1, "--models", "vae", "--adversarial-weight", "0.5"))
+    return data_dir, folder
+
+
+def discriminator_field_paths(checkpoint):
+    """Every place in a checkpoint's discriminator (its weights, its Adam) a value can be replaced."""
+    adversary, adam = checkpoint["adversary"], checkpoint["adversary"]["optimizer"]
+    places = [(adversary, key) for key in adversary] + [(adversary["model"], key) for key in adversary["model"]]
+    places += [(adam, key) for key in adam] + [(adam["param_groups"][0], key) for key in adam["param_groups"][0]]
+    return places + [(adam["state"][0], key) for key in adam["state"][0]]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_field_of_the_discriminator_replaced_by_anything_gives_a_result_or_one_line_on_resume(
+        trained_with_a_discriminator, data):
+    run_with_one_field_replaced(data, trained_with_a_discriminator, ["vae.pt"], discriminator_field_paths,
+                                "--resume", "--models", "vae")
 
 
 def test_a_full_disk_at_the_folder_lock_is_one_line(trained, small_disk, capsys):
