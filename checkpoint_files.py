@@ -157,23 +157,23 @@ def state_dict_problem(state, expected):
     return None
 
 
+HOW_ADAM_RUNS = ("fused", "foreach", "capturable", "differentiable")  # this machine's, not the file's
+
+
 def restore_adam(optimizer, saved):
-    """Load Adam's `saved` state_dict into `optimizer`, built as this project builds it, or raise
-    ValueError (or the error load_state_dict raises): its settings must be the optimizer's own
-    but for the learning rate (a schedule changes it), a positive number; its moments must fit
-    their weights and be finite. A damaged file then fails here, not inside Adam's step."""
-    settings = [{key: value for key, value in group.items() if key not in ("params", "lr")}
-                for group in optimizer.state_dict()["param_groups"]]
-    if not isinstance(saved, dict):
+    """Load Adam's `saved` state_dict into `optimizer`, built as this project builds it for this
+    device, or raise ValueError (or the KeyError, TypeError, ... load_state_dict raises): the
+    settings both hold must agree, and its moments fit their weights, be finite, step and second
+    moments not negative. A damaged file then fails here, not inside Adam's step; how Adam runs
+    (fused or not) stays the optimizer's, so a checkpoint moves between devices."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
         raise ValueError(f"its Adam state is {brief(saved)}")
-    groups = saved["param_groups"]
-    if not isinstance(groups, list) or len(groups) != len(settings) or any(
-            not isinstance(group, dict) or repr([group[key] for key in own if key in group]) !=
-            repr([own[key] for key in own if key in group])  # a setting an older torch lacks
-            or not is_finite_number(group.get("lr")) or group["lr"] <= 0
-            for group, own in zip(groups, settings)):
+    own_groups, groups = optimizer.state_dict()["param_groups"], saved["param_groups"]
+    if len(groups) != len(own_groups) or not all(map(same_adam_settings, groups, own_groups)):
         raise ValueError("its settings are not those of the Adam this project trains with")
-    optimizer.load_state_dict(saved)
+    how = [{key: group[key] for key in HOW_ADAM_RUNS if key in group} for group in own_groups]
+    optimizer.load_state_dict({**saved, "param_groups": [{**group, **own_how}
+                                                         for group, own_how in zip(groups, how)]})
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             for name, value in optimizer.state[parameter].items():  # step, exp_avg, exp_avg_sq
@@ -181,6 +181,15 @@ def restore_adam(optimizer, saved):
                         or value.shape != (() if name == "step" else parameter.shape) \
                         or not value.isfinite().all() or (name != "exp_avg" and (value < 0).any()):
                     raise ValueError("Adam's moments do not fit the weights or are not finite")
+
+
+def same_adam_settings(group, own):
+    """Whether a saved param group holds the settings of `own` (betas, eps, weight decay, ...; one
+    an older torch lacks aside) and a positive learning rate (a schedule changes it)."""
+    if not isinstance(group, dict) or not is_finite_number(group.get("lr")) or group["lr"] <= 0:
+        return False
+    keys = [key for key in own if key in group and key not in ("params", "lr", *HOW_ADAM_RUNS)]
+    return all(not isinstance(group[key], torch.Tensor) and group[key] == own[key] for key in keys)
 
 
 def saved_epochs(paths):

@@ -159,7 +159,7 @@ def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
 def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row=5):
     """comparison.png: a column per run ({label: model}), `per_row` to a row: 64 decodes of
     z ~ N(0, I) (the same draws for each model of a latent size) above its reconstructions of
-    the first `count` test images; the first column shows real test images."""
+    the first `count` test images; the first place shows real test images."""
     real = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     columns = [("real test images", real[count:count + n_side**2], real[:count])]
     for label, model in models.items():
@@ -182,7 +182,7 @@ def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row
     for row in range(rows):
         axes[2 * row, 0].set_ylabel("z ~ N(0, I)", fontsize=11)
         axes[2 * row + 1, 0].set_ylabel("reconstructions", fontsize=11)
-    figure.suptitle("Samples from the prior (top) and reconstructions of the first 16 test "
+    figure.suptitle(f"Samples from the prior (top) and reconstructions of the first {count} test "
                     "images (bottom), per run", fontsize=12)
     utils.save_figure(figure, path)
 

@@ -442,6 +442,10 @@ def test_an_adam_state_with_other_settings_or_unfit_moments_is_refused_before_an
     with pytest.raises(ValueError):
         checkpoint_files.restore_adam(torch.optim.Adam(model.parameters(), fused=True), saved)
     checkpoint_files.restore_adam(torch.optim.Adam(model.parameters(), fused=True), trained.state_dict())
+    unfused = torch.optim.Adam(model.parameters(), fused=False)  # as on a device without fused Adam
+    checkpoint_files.restore_adam(unfused, trained.state_dict())
+    assert unfused.param_groups[0]["fused"] is False  # how Adam runs stays this machine's
+    unfused.step()
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False),
