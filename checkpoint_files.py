@@ -217,7 +217,7 @@ def check_stored_flags(checkpoint, path, parser):
         problem = "holds no trained epoch"
     if problem:
         raise ProjectError(f"{path}: {problem}; the file is damaged or from another "
-                                 "version: retrain, or restore it")
+                           "version: retrain, or restore it")
 
 
 def flag_accepts(action, value):

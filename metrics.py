@@ -311,13 +311,10 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
                 loss.backward()
                 optimizer.step()
                 progress.update()
-    if network is DigitClassifier:
-        _, probabilities = classify(classifier, test_images)
-    else:
-        with torch.inference_mode():
-            classifier.eval()
-            probabilities = torch.cat([classifier(batch) for batch in batches(test_images, 250)])
-    accuracy = (probabilities.argmax(dim=1).cpu() == test_labels.cpu()).float().mean().item()
+    classifier.eval()
+    with torch.inference_mode():
+        logits = torch.cat([classifier(batch) for batch in batches(test_images, 250)])
+    accuracy = (logits.argmax(dim=1).cpu() == test_labels.cpu()).float().mean().item()
     return classifier, accuracy
 
 
@@ -413,12 +410,18 @@ def make_samplers(models, train_images):
                 for name, model in models.items()}
     if "AE" in models:
         codes = encode(models["AE"], train_images)[0]
-        if not codes.isfinite().all():
-            raise utils.ProjectError("the AE's codes of the training set are NaN or infinite (its "
-                                     "weights overflow); retrain it with a lower --lr")
+        require_finite(codes, "the AE's codes of the training set")
         fitted = Gaussian.fitted(codes)
         samplers["AE, z ~ Gaussian fitted to its training codes"] = (models["AE"], fitted)
     return samplers
+
+
+def require_finite(values, what, where=""):
+    """Stop in one line where finite weights still give NaN or infinite `values` (they overflow),
+    before linear algebra or a figure chokes on them."""
+    if not values.isfinite().all():
+        raise utils.ProjectError(f"{what} are NaN or infinite (the model's weights overflow"
+                                 f"{where}); retrain it with a lower --lr")
 
 
 def score_samples(samplers, classifier, test_images, reference, count):
@@ -427,9 +430,7 @@ def score_samples(samplers, classifier, test_images, reference, count):
     scores, real_energy = {}, laplacian_energy(test_images).mean()
     for label, (model, gaussian) in samplers.items():
         samples = decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
-        if not samples.isfinite().all():
-            raise utils.ProjectError(f"the samples of {label} are NaN or infinite (the model's "
-                                     "weights overflow); retrain it with a lower --lr")
+        require_finite(samples, f"the samples of {label}")
         scores[label] = {**sample_quality(classifier, samples, reference),
                          "sharpness": sharpness(samples, real_energy)}
     return scores

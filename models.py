@@ -87,12 +87,9 @@ class VAE(Autoencoder):
     def encode(self, x):
         return self.posterior(x)[0]
 
-    def forward(self, x, kl_warmup=1.0, noise=None):
+    def terms(self, x, kl_warmup=1.0, noise=None):
         """kl_warmup in [0, 1] scales the KL weight beta during a warm-up; the parts are always
         unweighted, so bce + kl is the negative ELBO. noise: the torch.Generator that draws z."""
-        return self.terms(x, kl_warmup, noise)[:2]
-
-    def terms(self, x, kl_warmup=1.0, noise=None):
         mu, logvar = self.posterior(x)
         z = reparameterize(mu, logvar, noise)  # sampled in eval mode too: the sampled test ELBO
         logits = self.decode(z)
