@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import main
+import training
 import utils
-from models import Adversary, ModelConfig, PerceptualNet, TrainingObjective, build_model
+from models import ARCHITECTURES, ModelConfig, PerceptualNet, build_model
 
 PROJECT, TUTORIAL, FLOOR = ("(a) this project", "(b) tutorial DataLoader + ToTensor",
                             "(c) compute floor (matmuls only)")
@@ -45,28 +46,26 @@ SIDE_BY_SIDE = "(a) side by side, as main.py trains"
 def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None, *,
                   arch="mlp", hidden_dim=400, perceptual_weight=0.0, adversarial_weight=0.0):
     model = build_model(ModelConfig(kind=kind, arch=arch, hidden_dim=hidden_dim)).to(device)
-    optimizer = main.make_optimizer(model, 1e-3, device)
-    objective, critic = with_extra_terms(model, perceptual_weight, adversarial_weight, device)
-    shuffle, noise = (torch.Generator(device).manual_seed(0) for _ in range(2))
+    optimizer = utils.make_optimizer(model, 1e-3, device)
+    objective, discriminator_step = with_extra_terms(model, perceptual_weight, adversarial_weight,
+                                                     device)
+    order, draws = (torch.Generator(device).manual_seed(0) for _ in range(2))
     return lambda: main.train_epoch(objective, optimizer, train_images, batch_size=batch_size,
-                                    shuffle=shuffle, noise=noise, precision=precision,
+                                    order=order, draws=draws, precision=precision,
                                     description=f"(a) {kind}", bar_position=bar_position,
-                                    critic=critic)
+                                    discriminator_step=discriminator_step)
 
 
 def with_extra_terms(model, perceptual_weight, adversarial_weight, device):
-    """(objective, discriminator step) as main.attach_objective builds them, the adversarial term
-    on from the first step; the perceptual CNN untrained, since its weights do not change the time."""
-    if not (perceptual_weight > 0 or adversarial_weight > 0):
-        return model, None
-    critic = main.DiscriminatorStep(Adversary().to(device), 1e-3, device) \
-        if adversarial_weight > 0 else None
-    objective = TrainingObjective(
-        model=model, perceptual_weight=perceptual_weight, adversarial_weight=adversarial_weight,
-        perceptual=PerceptualNet().to(device) if perceptual_weight > 0 else None,
-        adversary=critic.adversary if critic else None)
-    objective.adversarial_on = True
-    return objective, critic
+    """(objective, discriminator step) as main.train_models builds them, the adversarial term on
+    from the first step; the perceptual CNN untrained, since its weights do not change the time."""
+    flags = {"perceptual_weight": perceptual_weight, "adversarial_weight": adversarial_weight,
+             "seed": 0, "lr": 1e-3}
+    perceptual = PerceptualNet().to(device) if perceptual_weight > 0 else None
+    objective, discriminator_step = training.training_objective(model, flags, device, perceptual)
+    if discriminator_step:
+        objective.adversarial_on = True
+    return objective, discriminator_step
 
 
 def side_by_side_epoch(kinds, train_images, batch_size, device, precision, **shape):
@@ -262,7 +261,7 @@ def main_benchmark(argv=None):
     parser.add_argument("--repeats", type=main.number(int, 1), default=5,
                         help="epochs timed per method")
     parser.add_argument("--models", nargs="+", choices=["vae", "ae"], default=["vae", "ae"])
-    parser.add_argument("--arch", choices=main.ARCHITECTURES, default="mlp",
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="mlp",
                         help="the models' architecture, as main.py --arch; not mlp: (a) only")
     parser.add_argument("--hidden-dim", type=main.number(int, 1), default=400,
                         help="as main.py --hidden-dim")

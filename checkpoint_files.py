@@ -1,6 +1,8 @@
-"""Checkpoint files: where they live, how they are written and read, and the checks of what one
-holds, read as data and never trusted as code (a config of known fields and types, weights of the
-right shapes, a history of epochs 1, 2, ...). Rebuilding a model from one is main.py's."""
+"""Checkpoint files: where they live, how they are written and read, the checks of what one holds,
+read as data and never trusted as code (a config of known fields and types, weights of the right
+shapes, a history of epochs 1, 2, ..., training flags the command line would take), and the model
+rebuilt from one: `load_model(path)` for a learner's shell, `read_saved_model` for a run. Trains,
+scores and draws nothing."""
 import argparse
 import dataclasses
 import math
@@ -9,7 +11,75 @@ from pathlib import Path
 
 import torch
 
+from models import MODEL_NAMES, ModelConfig, build_model
 from utils import ProjectError, first_line, write_atomically
+
+
+MODEL_FLAGS = [field.name for field in dataclasses.fields(ModelConfig)  # the fields a flag sets
+               if field.name not in ("kind", "image_dim")]
+OBJECTIVE_FLAGS = ["perceptual_weight", "adversarial_weight", "adversarial_start"]
+# the flags a checkpoint goes on training with, whatever --resume says; metrics.json's "flags"
+TRAINING_FLAGS = ["batch_size", "lr", "seed", "binarize", "kl_warmup", "lr_schedule", "precision",
+                  *OBJECTIVE_FLAGS]
+
+
+def load_model(path, device="cpu"):
+    """The model a checkpoint file holds, rebuilt from its config and checked, in eval mode:
+
+        from checkpoint_files import load_model
+        vae = load_model("checkpoints/vae.pt")
+        digits = vae.sample(16)  # (16, 784) in [0, 1]
+    """
+    path = Path(path)
+    config, model = restore_model(load_checkpoint(path), path)
+    return model.to(device).eval()
+
+
+@dataclasses.dataclass
+class SavedModel:
+    """A model as its checkpoint holds it, read and rebuilt once per run, on the CPU."""
+    kind: str  # "vae" or "ae"
+    path: Path
+    checkpoint: dict  # as load_checkpoint checked it
+    config: ModelConfig
+    model: torch.nn.Module
+    flags: dict  # the flags it trained with; one added to the project since, at its default
+
+
+def read_saved_model(path, kind, parser):
+    """The checkpoint at `path` of the model `kind`, each part checked: the file, its config and
+    weights, and its stored flags as `parser` (main.py's) checks the command line's."""
+    checkpoint = load_checkpoint(path)
+    flags = stored_flags(checkpoint, path, parser)
+    if not checkpoint["history"]:
+        raise ProjectError(f"{path}: holds no trained epoch; the file is damaged or from another "
+                           "version: retrain, or restore it")
+    config, model = restore_model(checkpoint, path, kind, parser)
+    return SavedModel(kind, Path(path), checkpoint, config, model, flags)
+
+
+def restore_model(checkpoint, path, kind=None, parser=None):
+    """Rebuild the model a checked checkpoint (read from `path`) holds, from its own config, each
+    part checked as data first (the config as `parser` checks the model flags); (config, model)."""
+    config = dataclass_from(ModelConfig, checkpoint["config"], path, parser,
+                            choices={"kind": list(MODEL_NAMES)})
+    if kind is not None and config.kind != kind:
+        raise ProjectError(f"{path} holds the {config.kind.upper()} model, not the {kind.upper()}; "
+                           f"restore the right file or retrain with --models {kind}")
+    try:
+        model = build_model(config)
+    except (RuntimeError, ValueError) as error:  # sizes no layer can have
+        raise ProjectError(f"{path}: its config builds no model ({first_line(error, 80)}); the "
+                           "file is damaged: retrain") from None
+    problem = state_dict_problem(checkpoint["model"], model.state_dict())
+    if problem is None and any("codes" in record and record["codes"].shape[1] != config.latent_dim
+                               for record in checkpoint["history"]):
+        problem = f"its history holds codes that are not {config.latent_dim}-D"
+    if problem:
+        raise ProjectError(f"{path}: {problem}; the file is damaged or from another version: "
+                           "retrain, or restore it")
+    model.load_state_dict(checkpoint["model"])
+    return config, model
 
 
 def checkpoint_path(checkpoint_dir, kind):
@@ -107,9 +177,10 @@ def is_finite_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def dataclass_from(cls, values, path, choices):
-    """cls(**values) for a dict read from `path`, checked as data: each field known to cls, of its
-    type (an int for a float is fine), numbers positive and finite, strings among `choices`
+def dataclass_from(cls, values, path, parser=None, choices=None):
+    """cls(**values) for a dict read from `path`, checked as data: each field known to cls and of
+    its type (an int will do for a float; a bool is no number), a field that a flag of `parser`
+    sets accepted by that flag as the command line's value would be, a string among `choices`
     ({field: allowed values}). A field missing from `values` takes its default, so that files
     written before a field was added still load."""
     fields = {field.name: field for field in dataclasses.fields(cls)}
@@ -118,22 +189,28 @@ def dataclass_from(cls, values, path, choices):
         raise ProjectError(f"{path}: its config has a field this version does not know "
                            f"({brief(unknown[0])}; a newer version of this project wrote it?) and "
                            "cannot use; evaluate it with the version that wrote it, or retrain")
+    flags = {action.dest: action for action in (parser._actions if parser else [])}
     for name, field in fields.items():
         if name not in values and field.default is dataclasses.MISSING:
             raise ProjectError(f"{path}: its config lacks the field {name!r}; the file is damaged "
                                "or from another project: retrain")
-        if name in values and not field_value_fits(values[name], field.type, choices.get(name)):
+        value = values.get(name, field.default)
+        if not (field_value_fits(value, field.type)
+                and (name not in flags or flag_accepts(flags[name], value))
+                and value in (choices or {}).get(name, [value])):
             raise ProjectError(f"{path}: its config's {name} is {brief(values[name])}, not a valid "
                                f"{field.type.__name__}; the file is damaged: retrain")
     return cls(**values)
 
 
-def field_value_fits(value, kind, choices=None):
-    if kind is str:
-        return isinstance(value, str) and (choices is None or value in choices)
-    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-        return False
-    return is_finite_number(value) and value > 0
+def field_value_fits(value, kind):
+    """Whether a value read from a file is of the dataclass field type `kind` (bool, int, float or
+    str; an int will do for a float, and a bool is not a number)."""
+    if kind is bool or kind is str:
+        return isinstance(value, kind)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return is_finite_number(value)
 
 
 def state_dict_problem(state, expected):
@@ -204,20 +281,21 @@ def saved_epochs(paths):
     return "; ".join(held) or "no checkpoint is saved yet"
 
 
-def check_stored_flags(checkpoint, path, parser):
-    """The training flags a checkpoint stores, each checked as `parser` (main.py's) checks the
-    command line's."""
+def stored_flags(checkpoint, path, parser):
+    """The flags a checkpoint trained with, each checked as `parser` (main.py's) checks the command
+    line's; a flag it does not store (added to the project since) at its default."""
     stored = checkpoint.get("args", {})
     problem = None if isinstance(stored, dict) else "its training flags are not a dict"
     for action in parser._actions:
         if problem is None and action.dest in stored \
                 and not flag_accepts(action, stored[action.dest]):
             problem = f"its stored flag {action.option_strings[0]} is {brief(stored[action.dest])}"
-    if problem is None and not checkpoint["history"]:
-        problem = "holds no trained epoch"
     if problem:
         raise ProjectError(f"{path}: {problem}; the file is damaged or from another "
                            "version: retrain, or restore it")
+    defaults = {action.dest: action.default for action in parser._actions
+                if action.default is not argparse.SUPPRESS}
+    return {**defaults, **stored}
 
 
 def flag_accepts(action, value):

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 import checkpoint_files
 import utils
-from models import PerceptualNet, bernoulli_nll_per_image, kl_per_dimension, reparameterize
+from models import (VAE, LatentGaussian, PerceptualNet, bernoulli_nll_per_image,
+                    fitted_covariance, kl_per_dimension, reparameterize)
 from utils import IMAGE_SIDE
 
 CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
@@ -70,11 +71,11 @@ def evaluate_loss(model, images, *, seed=0, batch_size=2000):
     negative ELBO with one z per image, drawn from a generator seeded with `seed` (so the same
     weights always score the same), the AE's BCE."""
     model.eval()
-    noise = torch.Generator(device=images.device).manual_seed(seed)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
     totals = {}
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        _, parts = model(batch, noise=noise)
+        _, parts = model(batch, generator=generator)
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value.item() * len(batch)
     means = {name: total / len(images) for name, total in totals.items()}
@@ -86,13 +87,17 @@ def batches(images, batch_size):
 
 
 @torch.inference_mode()
-def encode(model, images, batch_size=2000):
-    """(N, 784) -> codes (N, D) and the VAE's posterior log-variances (N, D) (None for the AE);
-    the VAE's codes are its posterior means."""
+def codes_of(model, images, batch_size=2000):
+    """(N, 784) -> the codes (N, D) model.encode gives: the VAE's are its posterior means."""
     model.eval()
-    if not hasattr(model, "posterior"):
-        return torch.cat([model.encode(batch) for batch in batches(images, batch_size)]), None
-    means, logvars = zip(*(model.posterior(batch) for batch in batches(images, batch_size)))
+    return torch.cat([model.encode(batch) for batch in batches(images, batch_size)])
+
+
+@torch.inference_mode()
+def posteriors_of(vae, images, batch_size=2000):
+    """(N, 784) -> the VAE's posterior q(z | x) of each image: mu and logvar, (N, D) each."""
+    vae.eval()
+    means, logvars = zip(*(vae.posterior(batch) for batch in batches(images, batch_size)))
     return torch.cat(means), torch.cat(logvars)
 
 
@@ -159,7 +164,7 @@ def iwae_nll(model, images, num_samples, *, seed=0, batch_size=10, chunk_size=10
     * 784 floats whatever K is: 1,000 rows per decoder call stay in a CPU's caches (2x faster
     than 5,000)."""
     model.eval()
-    noise = torch.Generator(device=images.device).manual_seed(seed)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
     total = 0.0
     for batch in tqdm(batches(images, batch_size), total=math.ceil(len(images) / batch_size),
                       desc=f"IWAE bound, {num_samples} samples", leave=False,
@@ -167,7 +172,7 @@ def iwae_nll(model, images, num_samples, *, seed=0, batch_size=10, chunk_size=10
         log_sum = torch.full((len(batch),), -math.inf, device=batch.device, dtype=torch.float64)
         for drawn in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - drawn)
-            log_weights = model.log_importance_weights(batch, count, noise)  # (count, B)
+            log_weights = model.log_importance_weights(batch, count, generator)  # (count, B)
             log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_weights.double(), dim=0))
         total += -(log_sum - math.log(num_samples)).sum().item()
     return total / len(images)
@@ -183,35 +188,11 @@ def posterior_statistics(mu, logvar):
             "kl_per_dimension": kl_per_dimension(mu, logvar).mean(dim=0).tolist()}
 
 
-class Gaussian:
-    """N(mean, scale_tril @ scale_tril.T) in the latent space, to sample codes from with a seed."""
-
-    def __init__(self, mean, scale_tril):
-        self.mean, self.scale_tril = mean, scale_tril  # (D,), (D, D)
-
-    @classmethod
-    def standard(cls, dim, device):
-        return cls(torch.zeros(dim, device=device), torch.eye(dim, device=device))
-
-    @classmethod
-    def fitted(cls, codes):
-        """The maximum-likelihood Gaussian of `codes` (N, D), with a tiny ridge so that a
-        collapsed dimension still works."""
-        dim = codes.shape[1]
-        covariance = torch.cov(codes.T.double()).reshape(dim, dim)
-        covariance += 1e-6 * torch.eye(dim, device=codes.device)
-        return cls(codes.mean(dim=0), torch.linalg.cholesky(covariance).float())
-
-    def sample(self, count, seed):
-        noise = torch.randn(count, len(self.mean), generator=torch.Generator().manual_seed(seed))
-        return self.mean + noise.to(self.mean.device) @ self.scale_tril.T  # (count, D)
-
-
 def gaussian_kl_to_standard(codes):
-    """KL( N(m, S) || N(0, I) ) for the Gaussian fitted to `codes` (N, D):
+    """KL( N(m, S) || N(0, I) ) for the Gaussian fitted to `codes` (N, D) (S with
+    models.fitted_covariance's ridge, so that a collapsed dimension stays finite):
     0.5 (tr S + m.m - D - log det S)."""
-    codes = codes.double()
-    mean, covariance = codes.mean(dim=0), torch.cov(codes.T).reshape(codes.shape[1], -1)
+    mean, covariance = codes.detach().cpu().double().mean(dim=0), fitted_covariance(codes)
     log_det = torch.linalg.slogdet(covariance)[1]
     return 0.5 * (torch.trace(covariance) + mean @ mean - codes.shape[1] - log_det).item()
 
@@ -297,7 +278,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
     torch.manual_seed(seed)
     device = train_images.device
     classifier = network().to(device)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    optimizer = utils.make_optimizer(classifier, 1e-3, device)
     shuffle = torch.Generator(device=device).manual_seed(seed)
     train_labels = train_labels.to(device)
     classifier.train()
@@ -392,7 +373,10 @@ def score_model(model, binarize, data, phases):
         scores = {"test": evaluate_loss(model, test_targets),
                   "train": evaluate_loss(model, train_targets)}
     with phases("scoring codes and reconstructions"):
-        codes, logvar = encode(model, test_images)  # (N, D) each; logvar None for the AE
+        if isinstance(model, VAE):  # its codes: the posterior means
+            codes, logvar = posteriors_of(model, test_images)  # (N, D) each
+        else:
+            codes, logvar = codes_of(model, test_images), None
         scores["reconstruction"] = reconstruction_errors(model, codes, test_images, test_targets)
         aggregate = codes if logvar is None else sample_codes(codes, logvar)  # z ~ q(z|x)
         scores["latent"] = {"knn5_accuracy": knn_accuracy(codes, test_labels),
@@ -403,17 +387,22 @@ def score_model(model, binarize, data, phases):
 
 
 def make_samplers(models, train_images):
-    """{label: (model, Gaussian)}: each model decodes z ~ N(0, I), the VAE's prior; the AE also
-    decodes z from a Gaussian fitted to its own training codes, its fair chance."""
-    device = train_images.device
-    samplers = {f"{name}, z ~ N(0, I)": (model, Gaussian.standard(model.latent_dim, device))
+    """{label: (model, models.LatentGaussian)}: each model decodes z ~ N(0, I), the VAE's prior;
+    the AE also decodes z from a Gaussian fitted to its own training codes, its fair chance."""
+    samplers = {f"{name}, z ~ N(0, I)": (model, LatentGaussian.standard(model.latent_dim))
                 for name, model in models.items()}
     if "AE" in models:
-        codes = encode(models["AE"], train_images)[0]
+        codes = codes_of(models["AE"], train_images)
         require_finite(codes, "the AE's codes of the training set")
-        fitted = Gaussian.fitted(codes)
+        fitted = LatentGaussian.fitted(codes)
         samplers["AE, z ~ Gaussian fitted to its training codes"] = (models["AE"], fitted)
     return samplers
+
+
+def draw_samples(model, prior, count, seed=0):
+    """`count` images (count, 784) that `model` generates from `prior`, drawn from `seed`: the
+    same draws for every model of a latent size, on every device."""
+    return model.sample(count, prior=prior, generator=torch.Generator().manual_seed(seed))
 
 
 def require_finite(values, what, where=""):
@@ -428,8 +417,8 @@ def score_samples(samplers, classifier, test_images, reference, count):
     """Frechet distance, confident share, class entropy and sharpness of `count` samples of each
     sampler; reference: the classifier's features of the test images."""
     scores, real_energy = {}, laplacian_energy(test_images).mean()
-    for label, (model, gaussian) in samplers.items():
-        samples = decode_images(model, gaussian.sample(count, seed=0)).flatten(1)
+    for label, (model, prior) in samplers.items():
+        samples = draw_samples(model, prior, count)
         require_finite(samples, f"the samples of {label}")
         scores[label] = {**sample_quality(classifier, samples, reference),
                          "sharpness": sharpness(samples, real_energy)}

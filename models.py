@@ -7,12 +7,15 @@ training loop treats them alike: `loss, parts = model(x)`.
 Images are flattened to 784 pixels in [0, 1]. Read the AE, then the VAE: what it adds is
 `posterior`, `reparameterize`, the KL term and `log_importance_weights`. After them, the extra
 training terms that make decodes sharper (TrainingObjective): a perceptual distance in a small
-frozen CNN's features (PerceptualNet) and a PatchGAN discriminator's hinge loss (Adversary).
+frozen CNN's features (PerceptualNet) and a PatchGAN discriminator's hinge loss (Discriminator).
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+MODEL_NAMES = {"vae": "VAE", "ae": "AE"}  # a model's kind (its checkpoint's file name) and its name
+ARCHITECTURES = ["mlp", "conv", "resnet"]
 
 
 @dataclass
@@ -58,17 +61,29 @@ class Autoencoder(nn.Module):
         """(B, latent_dim) -> (B, 784) pixel logits; sigmoid gives the image."""
         return self.decoder(z)
 
-    def forward(self, x, kl_warmup=1.0, noise=None):
+    def forward(self, x, kl_weight=1.0, generator=None):
         """x: (B, 784) -> (loss, parts): the loss per image in nats, averaged over the batch.
-        kl_warmup and noise (the VAE's generator for z) are accepted so that the training loop
-        treats both models alike: the AE has no KL term and draws nothing."""
-        return self.terms(x, kl_warmup, noise)[:2]
+        kl_weight and generator (the VAE's torch.Generator for z) are accepted so that the training
+        loop treats both models alike: the AE has no KL term and draws nothing."""
+        return self.terms(x, kl_weight, generator)[:2]
 
-    def terms(self, x, kl_warmup=1.0, noise=None):
+    def terms(self, x, kl_weight=1.0, generator=None):
         """forward's (loss, parts) and the decoded pixel logits (B, 784) they came from."""
         logits = self.decode(self.encode(x))
         reconstruction = bernoulli_nll(logits, x)
         return reconstruction, {"bce": reconstruction.detach()}, logits
+
+    @torch.inference_mode()
+    def sample(self, count, *, prior=None, generator=None):
+        """Generate: decode `count` codes drawn from `prior` (a LatentGaussian; by default
+        N(0, I), the VAE's prior) into images (count, 784) in [0, 1], the Bernoulli means. The VAE
+        was trained so that N(0, I) covers its codes; the AE was not, and most of its draws land
+        where its decoder has never been. generator: a CPU torch.Generator, for the same draws on
+        every device."""
+        self.eval()
+        prior = prior or LatentGaussian.standard(self.latent_dim)
+        z = prior.draw(count, generator).to(next(self.parameters()).device)  # (count, D)
+        return torch.sigmoid(self.decode(z))
 
 
 class VAE(Autoencoder):
@@ -87,26 +102,27 @@ class VAE(Autoencoder):
     def encode(self, x):
         return self.posterior(x)[0]
 
-    def terms(self, x, kl_warmup=1.0, noise=None):
-        """kl_warmup in [0, 1] scales the KL weight beta during a warm-up; the parts are always
-        unweighted, so bce + kl is the negative ELBO. noise: the torch.Generator that draws z."""
+    def terms(self, x, kl_weight=1.0, generator=None):
+        """kl_weight in [0, 1] scales the KL weight beta during a warm-up; the parts are always
+        unweighted, so bce + kl is the negative ELBO. generator: the torch.Generator that draws
+        z."""
         mu, logvar = self.posterior(x)
-        z = reparameterize(mu, logvar, noise)  # sampled in eval mode too: the sampled test ELBO
+        z = reparameterize(mu, logvar, generator)  # sampled in eval mode too: the sampled test ELBO
         logits = self.decode(z)
         reconstruction = bernoulli_nll(logits, x)
         kl = kl_to_standard_normal(mu, logvar)
-        loss = reconstruction + (kl_warmup * self.beta) * kl
+        loss = reconstruction + (kl_weight * self.beta) * kl
         return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}, logits
 
-    def log_importance_weights(self, x, num_samples, noise=None):
+    def log_importance_weights(self, x, num_samples, generator=None):
         """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B).
 
         The IWAE bound log (1/K) sum_k w_k is a lower bound on log p(x) that tightens as K grows
         (Burda et al. 2015); K = 1 gives the ELBO. The constants log(2 pi) of p(z) and q(z|x)
-        cancel. noise: the torch.Generator that draws the z_k (None: torch's global one).
+        cancel. generator: the torch.Generator that draws the z_k (None: torch's global one).
         """
         mu, logvar = self.posterior(x)  # (B, D) each
-        eps = torch.randn(num_samples, *mu.shape, generator=noise, device=x.device)  # (K, B, D)
+        eps = torch.randn(num_samples, *mu.shape, generator=generator, device=x.device)  # (K, B, D)
         z = reparameterize(mu, logvar, eps=eps)  # (K, B, D)
         logits = self.decode(z.reshape(-1, self.latent_dim)).reshape(num_samples, len(x), -1)
         log_likelihood = -bernoulli_nll_per_image(logits, x)  # log p(x | z): (K, B)
@@ -115,12 +131,13 @@ class VAE(Autoencoder):
         return log_likelihood + log_prior - log_posterior
 
 
-def reparameterize(mu, logvar, noise=None, *, eps=None):
+def reparameterize(mu, logvar, generator=None, *, eps=None):
     """z = mu + sigma * eps with eps ~ N(0, I): the noise is an input, so gradients flow to mu
-    and sigma. noise: the torch.Generator that draws eps (None: torch's global one); or pass the
-    draws `eps` themselves (any shape that broadcasts against mu)."""
+    and sigma; the one place a code is drawn from the posterior q(z | x). generator: the
+    torch.Generator that draws eps (None: torch's global one); or pass the draws `eps` themselves
+    (any shape that broadcasts against mu)."""
     if eps is None:
-        eps = torch.randn(mu.shape, generator=noise, device=mu.device, dtype=mu.dtype)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -141,6 +158,37 @@ def bernoulli_nll(logits, x):
     batch. logits, x: (B, 784); grey pixels in [0, 1] are soft targets, as in the tutorials."""
     # float(): under --precision bf16 the logits come in bfloat16; the loss is summed in fp32
     return bernoulli_nll_per_image(logits.float(), x).sum() / x.shape[0]
+
+
+class LatentGaussian:
+    """N(mean, scale_tril @ scale_tril.T) over the codes: the prior N(0, I), or a Gaussian fitted to
+    an AE's codes (an AE defines no distribution of its own to sample from; this one is its fair
+    chance). draw() gives codes to decode, as Autoencoder.sample does."""
+
+    def __init__(self, mean, scale_tril):
+        self.mean, self.scale_tril = mean, scale_tril  # (D,), (D, D), on the CPU
+
+    @classmethod
+    def standard(cls, dim):
+        return cls(torch.zeros(dim), torch.eye(dim))
+
+    @classmethod
+    def fitted(cls, codes):
+        """The maximum-likelihood Gaussian of `codes` (N, D), with fitted_covariance's ridge."""
+        return cls(codes.mean(dim=0).cpu(), torch.linalg.cholesky(fitted_covariance(codes)).float())
+
+    def draw(self, count, generator=None):
+        """(count, D) codes, drawn on the CPU (generator: a CPU torch.Generator)."""
+        eps = torch.randn(count, len(self.mean), generator=generator)
+        return self.mean + eps @ self.scale_tril.T
+
+
+def fitted_covariance(codes, ridge=1e-6):
+    """The covariance of `codes` (N, D) in float64 on the CPU, plus `ridge` on its diagonal, so that
+    a dimension the codes never vary in still has a Gaussian (and a finite KL to N(0, I))."""
+    codes = codes.detach().cpu().double()
+    return torch.cov(codes.T).reshape(codes.shape[1], -1) + ridge * torch.eye(codes.shape[1],
+                                                                            dtype=torch.float64)
 
 
 MODEL_CLASSES = {"vae": VAE, "ae": Autoencoder}
@@ -197,13 +245,13 @@ def unit_channels(feature_map, eps=1e-10):
     return feature_map / (feature_map.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
 
 
-class Adversary(nn.Module):
+class Discriminator(nn.Module):
     """A PatchGAN discriminator (Isola et al. 2017) and its hinge loss: two strided 4x4
     convolutions with LeakyReLU, then one logit per patch: (B, 784) -> (B, 1, 7, 7)."""
 
     def __init__(self, *, channels=32):
         super().__init__()
-        self.discriminator = nn.Sequential(
+        self.layers = nn.Sequential(
             nn.Unflatten(1, (1, 28, 28)),
             nn.Conv2d(1, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # (B, C, 14, 14)
             nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1),  # (B, 2C, 7, 7)
@@ -211,7 +259,7 @@ class Adversary(nn.Module):
         )
 
     def forward(self, images):
-        return self.discriminator(images)
+        return self.layers(images)
 
     def discriminator_loss(self, real, fake):
         """The hinge loss: mean relu(1 - D(real)) + mean relu(1 + D(fake)), halved as in
@@ -239,12 +287,12 @@ class TrainingObjective(nn.Module):
     returns (loss, parts) like the model's: the likelihood parts (bce, kl) as they are, the extra
     terms, weighted, as "perceptual" and "adversarial"; `decoded` keeps the last decodes
     (detached) for the discriminator's step. Its own parameters: the frozen perceptual network
-    and the adversary; the model's optimizer holds only the model's."""
+    and the discriminator; the model's optimizer holds only the model's."""
 
     def __init__(self, *, model, perceptual_weight=0.0, perceptual=None, adversarial_weight=0.0,
-                 adversary=None):
+                 discriminator=None):
         super().__init__()
-        self.model, self.perceptual, self.adversary = model, perceptual, adversary
+        self.model, self.perceptual, self.discriminator = model, perceptual, discriminator
         self.perceptual_weight, self.adversarial_weight = perceptual_weight, adversarial_weight
         self.adversarial_on, self.decoded = False, None
         if perceptual is not None:
@@ -253,15 +301,15 @@ class TrainingObjective(nn.Module):
                                                                         nn.ConvTranspose2d))]
         self.last_layer = layers[-1].weight  # where the adaptive weight compares gradients
 
-    def forward(self, x, kl_warmup=1.0, noise=None):
-        loss, parts, logits = self.model.terms(x, kl_warmup, noise)
+    def forward(self, x, kl_weight=1.0, generator=None):
+        loss, parts, logits = self.model.terms(x, kl_weight, generator)
         decoded = torch.sigmoid(logits.float())  # (B, 784) in [0, 1]
         self.decoded = decoded.detach()
         if self.perceptual_weight > 0:
             term = self.perceptual_weight * perceptual_distance(self.perceptual, decoded, x)
             loss, parts["perceptual"] = loss + term, term.detach()
         if self.adversarial_weight > 0 and self.adversarial_on:
-            adversarial = self.adversary.model_loss(decoded)
+            adversarial = self.discriminator.model_loss(decoded)
             # the loss so far: its gradient at the decoder's last layer is the reconstruction's
             # (with the perceptual term's); the KL term does not reach the decoder
             weight = adaptive_weight(loss, adversarial, self.last_layer) \

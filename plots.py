@@ -73,12 +73,13 @@ def show(ax, image, title=None):
 
 
 def plot_generation(samplers, path, *, n_side=8, seed=0):
-    """samplers: {"VAE, z ~ N(0, I)": (model, Gaussian), ...}. Decode codes drawn from each: the
-    VAE was trained for its prior, the AE was not; a Gaussian fitted to its codes is its chance."""
+    """samplers: {"VAE, z ~ N(0, I)": (model, LatentGaussian), ...}. Decode codes drawn from each:
+    the VAE was trained for its prior, the AE was not; a Gaussian fitted to its codes is its
+    chance."""
     figure = Figure(figsize=(4.2 * len(samplers) + 1.2, 4.8), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(samplers)))
-    for ax, (label, (model, gaussian)) in zip(axes, samplers.items()):
-        images = metrics.decode_images(model, gaussian.sample(n_side * n_side, seed))
+    for ax, (label, (model, prior)) in zip(axes, samplers.items()):
+        images = metrics.draw_samples(model, prior, n_side * n_side, seed)
         show(ax, grid_image(images, n_side), label.replace("Gaussian fitted", "\nGaussian fitted"))
     figure.suptitle(f"{n_side * n_side} decoded samples per sampler (the same noise for each)",
                     fontsize=12)
@@ -89,7 +90,7 @@ def plot_manifold(model, posterior_mean_variance, path, *, n_side=20):
     """The classic 20x20 grid: decode z over the two latent dimensions whose posterior means
     vary most over the test set (all of z when it is 2-D; one row when it is 1-D), at the 5% to
     95% quantiles of N(0, 1), with every other dimension at 0."""
-    dims = torch.tensor(posterior_mean_variance).topk(min(2, model.latent_dim)).indices.tolist()
+    dims = most_active_dimensions(posterior_mean_variance, 2)
     quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n_side))
     device = next(model.parameters()).device
     z = torch.zeros(n_side if len(dims) == 2 else 1, n_side, model.latent_dim, device=device)
@@ -163,9 +164,8 @@ def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row
     real = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     columns = [("real test images", real[count:count + n_side**2], real[:count])]
     for label, model in models.items():
-        prior = metrics.Gaussian.standard(model.latent_dim, images.device)
-        samples = metrics.decode_images(model, prior.sample(n_side**2, seed))
-        codes = metrics.encode(model, images[:count])[0]  # the VAE's: posterior means
+        samples = metrics.draw_samples(model, None, n_side**2, seed)  # z ~ N(0, I)
+        codes = metrics.codes_of(model, images[:count])  # the VAE's: posterior means
         columns.append((label, samples, metrics.decode_images(model, codes)))
     rows, per_row = -(-len(columns) // per_row), min(per_row, len(columns))
     figure = Figure(figsize=(2.3 * per_row, 4.4 * rows), layout="constrained")
@@ -196,6 +196,18 @@ def principal_axes(codes):
     _, _, v = torch.linalg.svd(codes - codes.mean(dim=0), full_matrices=False)  # v's rows: axes
     axes = v[:2].T
     return axes * torch.sign(axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)))
+
+
+def plane_limit(points):
+    """Half the side of a square view of 2-D points (N, 2) around the origin: all but the outer
+    0.2% of them, and at least the prior's 3 sd, with a margin."""
+    return 1.15 * max(3.5, float(np.quantile(np.abs(points), 0.998)))
+
+
+def most_active_dimensions(posterior_mean_variance, count):
+    """The `count` latent dimensions whose posterior means vary most over the test set."""
+    variances = torch.tensor(posterior_mean_variance)
+    return variances.topk(min(count, len(variances))).indices.tolist()
 
 
 def axis_names(latent_dim):
@@ -296,7 +308,7 @@ def evolution_figure(points, latent_dims, last_epoch, labels, dataset):
         last = by_epoch[last_epoch]
         scatters[name] = draw_codes(ax, last, labels, title=name,
                                     axis_labels=axis_names(latent_dims[name]))
-        limit = 1.15 * max(3.5, float(np.quantile(np.abs(last), 0.998)))
+        limit = plane_limit(last)
         ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal")
     class_colorbar(figure, scatters[name], axes, dataset)
     title = figure.suptitle(f"{dataset.title} test codes after epoch {last_epoch}", fontsize=12)
@@ -380,13 +392,13 @@ def write_explorer(models, configs, codes, axes_of, samplers, scores, test, data
     payload = {
         "title": dataset.title, "classes": list(dataset.classes), "colors": tab10_colors(),
         "dots": {"count": count, "labels": labels[:count].tolist(),
-                 "images": base64_of((images[:count] * 255).round(), "u1")},  # (count, 784) bytes
+                 "images": image_bytes(images[:count])},
         "initialPair": list(pick_pairs(labels[:count], dataset.interpolation_pairs)[0]),
         "models": [explorer_model(name, model, configs[name], codes[name], axes_of[name],
                                   variances if name == "VAE" else None, count=count,
                                   grid_side=grid_side) for name, model in models.items()],
-        "samplers": [explorer_sampler(label, model, gaussian, models, configs, count=samples)
-                     for label, (model, gaussian) in samplers.items()],
+        "samplers": [explorer_sampler(label, model, prior, models, configs, count=samples)
+                     for label, (model, prior) in samplers.items()],
     }
     template = (Path(__file__).parent / EXPLORER_TEMPLATE).read_text(encoding="utf-8")
     page = template.replace(EXPLORER_DATA_MARK, page_json(payload))
@@ -396,6 +408,11 @@ def write_explorer(models, configs, codes, axes_of, samplers, scores, test, data
 def page_json(payload):
     """JSON that is safe inside <script>: no "</script>" can end it early."""
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def image_bytes(images):
+    """Images (N, 784) in [0, 1] as base64 text of one byte a pixel, row by row."""
+    return base64_of((images * 255).round(), "u1")
 
 
 def base64_of(tensor, dtype):
@@ -428,9 +445,8 @@ def latent_plane(codes, axes):
     points = (codes @ axes).numpy()  # (N, 2), not centred: as latent_scatter.png
     mean = codes.mean(dim=0)
     m_perp = mean - axes @ (axes.T @ mean)
-    limit = 1.15 * max(3.5, float(np.quantile(np.abs(points), 0.998)))
     return {"axes": axes.T.tolist(), "mean": mean.tolist(), "mPerp": m_perp.tolist(),
-            "limit": limit}
+            "limit": plane_limit(points)}
 
 
 def runs_in_page(model, config):
@@ -468,26 +484,25 @@ def plane_grid(model, plane, side):
     z = torch.tensor(plane["mPerp"]) + u[:, None] * a1 + v[:, None] * a2  # (side^2, D)
     device = next(model.parameters()).device
     images = metrics.decode_images(model, z.to(device)).reshape(side * side, -1)
-    return {"side": side, "images": base64_of((images * 255).round(), "u1")}
+    return {"side": side, "images": image_bytes(images)}
 
 
 def active_dimensions(posterior_mean_variance, *, count=4):
     """The VAE's `count` most active dimensions, as plot_manifold picks them."""
-    variances = torch.tensor(posterior_mean_variance)
-    top = variances.topk(min(count, len(variances))).indices.tolist()
-    return [{"dim": dim, "variance": float(variances[dim])} for dim in top]
+    variances = torch.tensor(posterior_mean_variance)  # float32, as the page has always shown them
+    return [{"dim": dim, "variance": float(variances[dim])}
+            for dim in most_active_dimensions(posterior_mean_variance, count)]
 
 
-def explorer_sampler(label, model, gaussian, models, configs, *, count, seed=0):
+def explorer_sampler(label, model, prior, models, configs, *, count, seed=0):
     """One sampler of metrics.make_samplers for the page: its Gaussian (mean, scale_tril), and
     `count` decoded draws where the page cannot run the decoder."""
     name = next(name for name, candidate in models.items() if candidate is model)
     images = None
     if not runs_in_page(model, configs[name]):
-        decoded = metrics.decode_images(model, gaussian.sample(count, seed)).reshape(count, -1)
-        images = base64_of((decoded * 255).round(), "u1")
-    return {"label": label, "model": name, "mean": gaussian.mean.float().cpu().tolist(),
-            "scaleTril": gaussian.scale_tril.float().cpu().tolist(), "images": images}
+        images = image_bytes(metrics.draw_samples(model, prior, count, seed))
+    return {"label": label, "model": name, "mean": prior.mean.float().cpu().tolist(),
+            "scaleTril": prior.scale_tril.float().cpu().tolist(), "images": images}
 
 
 # ------------------------------------------------------------------ the architecture diagram

@@ -92,11 +92,21 @@ def read_idx(path, kind):
     return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
 
 
+def is_file(path):
+    """Whether `path` names a file; one line where the file system refuses the name itself (a
+    name too long for it, say)."""
+    try:
+        return Path(path).is_file()
+    except OSError as error:
+        raise ProjectError(f"cannot use the path {path} ({error.strerror or error}); pick a "
+                           "shorter or another name") from None
+
+
 def find_idx_file(folder, name, dataset="mnist"):
     """`name` or `name.gz` in `folder` or in torchvision's folder/<MNIST...>/raw, else None."""
     for directory in (Path(folder), Path(folder) / DATASETS[dataset].torchvision_class / "raw"):
         for candidate in (directory / name, directory / f"{name}.gz"):
-            if candidate.is_file():
+            if is_file(candidate):
                 return candidate
     return None
 
@@ -151,6 +161,16 @@ def load_dataset(folder, dataset="mnist"):
     return splits
 
 
+def load_data(data_dir, dataset, device):
+    """{split: (images, labels)}: images (N, 784) in [0, 1] on `device`, labels (N,)."""
+    splits = load_dataset(data_dir, dataset)
+    data = {split: (to_model_input(images, device), labels)
+            for split, (images, labels) in splits.items()}
+    print(f"device {device}: {len(data['train'][0])} training and {len(data['test'][0])} test "
+          f"images of {DATASETS[dataset].title} from {data_dir}/")
+    return data
+
+
 def to_model_input(images, device):
     """uint8 (N, 28, 28) -> float32 (N, 784) in [0, 1] on `device`, once for the whole set."""
     return images.to(device).reshape(len(images), -1).float().div_(255.0)
@@ -195,6 +215,13 @@ def pick_device(name):
     return device
 
 
+def make_optimizer(module, lr, device, **settings):
+    """Adam over `module`'s parameters, fused where the device has it: one kernel for all the
+    parameters (measured: 0.4 against 1.1 ms a step on a CPU)."""
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"),
+                            **settings)
+
+
 def check_bf16(device):
     """Fail in one line where bfloat16 autocast cannot train on `device`; say so where it would
     be slow."""
@@ -210,6 +237,11 @@ def check_bf16(device):
     if capabilities.get("architecture") == "x86_64" and not native:
         print("note: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so --precision "
               "bf16 emulates them and will likely train slower than fp32")
+
+
+def counted(number, noun):
+    """"1 epoch", "30 epochs": a count and its noun, in the singular or the plural."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def first_line(error, limit):
@@ -262,8 +294,28 @@ def load_json(path):
 
 
 def save_json(path, data):
+    """Write `data` as JSON, which has no NaN or infinity: one line naming the number where
+    it holds one, and nothing written."""
+    place = non_finite_place(data)
+    if place:
+        raise ProjectError(f"{path}: {place}; nothing is written (a model whose weights overflow? "
+                           "retrain it with a lower --lr)")
     text = json.dumps(data, indent=2) + "\n"
     write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def non_finite_place(data, where=""):
+    """Where nested dicts and lists hold a NaN or infinite float ("vae.latent.kl is inf"), or
+    None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'the value'} is {data}"
+    items = data.items() if isinstance(data, dict) else enumerate(data) \
+        if isinstance(data, (list, tuple)) else []
+    for key, value in items:
+        place = non_finite_place(value, f"{where}.{key}" if where else str(key))
+        if place:
+            return place
+    return None
 
 
 def save_figure(figure, path):
@@ -272,40 +324,56 @@ def save_figure(figure, path):
 
 class FolderLock:
     """Holds FOLDER/.lock while a run writes into FOLDER, so that a second run there stops at
-    once, naming the first. The kernel drops the lock when its holder exits, however it dies
-    (kill -9 too), so a folder left by a dead run is simply taken over."""
+    once, naming the first; a run that ends removes it. The kernel drops the lock when its holder
+    exits, however it dies (kill -9 too), so a folder left by a dead run is simply taken over."""
 
     def __init__(self, folder):
         self.path = Path(folder) / ".lock"
 
     def __enter__(self):
+        while not self.take():  # the run that held it removed the file meanwhile: try again
+            pass
+        try:  # the holder's process number, for the message of a second run; unbuffered, so
+            os.ftruncate(self.file.fileno(), 0)  # that a full disk fails here, and only here
+            os.write(self.file.fileno(), f"{os.getpid()}\n".encode())
+        except OSError as error:  # a full disk
+            self.release()
+            raise ProjectError(f"cannot write to {self.path.parent}/ ({error.strerror}); free "
+                               "some space there or pick another folder") from None
+        return self
+
+    def take(self):
+        """Open and lock FOLDER/.lock; False where it is no longer the file at that path."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a+")
         except OSError as error:
             raise ProjectError(f"cannot write to {self.path.parent}/ ({error.strerror}); pick "
                                "another folder or fix its permissions") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.file.seek(0)
-                holder = self.file.read().strip() or "unknown"
-                self.file.close()
-                raise ProjectError(f"{self.path.parent}/ is in use by another run of main.py "
-                                   f"(process {holder}); wait for it to end or pick another "
-                                   "folder") from None
-        try:  # the holder's process number, for the message of a second run; unbuffered, so
-            os.ftruncate(self.file.fileno(), 0)  # that a full disk fails here, and only here
-            os.write(self.file.fileno(), f"{os.getpid()}\n".encode())
-        except OSError as error:  # a full disk
+        if fcntl is None:
+            return True
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
             self.file.close()
-            raise ProjectError(f"cannot write to {self.path.parent}/ ({error.strerror}); free "
-                               "some space there or pick another folder") from None
-        return self
+            raise ProjectError(f"{self.path.parent}/ is in use by another run of main.py "
+                               f"(process {holder}); wait for it to end or pick another "
+                               "folder") from None
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                return True
+        self.file.close()
+        return False
+
+    def release(self):
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still held: a run that opens it next finds it gone
+        self.file.close()  # releases the lock
 
     def __exit__(self, *exc_info):
-        self.file.close()  # releases the lock
+        self.release()
 
 
 # ------------------------------------------------------------------- threads, signals and phases

@@ -61,7 +61,7 @@ def write_tiny_page(path, kinds, latent_dim, arch):
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.rand(64, 784, generator=generator), torch.arange(64) % 10
     trained, configs = tiny_models(kinds, latent_dim, arch, images[:16])  # a conv step takes 0.1 s
-    codes = {name: metrics.encode(model, images)[0] for name, model in trained.items()}
+    codes = {name: metrics.codes_of(model, images) for name, model in trained.items()}
     scores = {"vae": {"posterior": {"posterior_mean_variance": codes["VAE"].var(dim=0).tolist()}}} \
         if "VAE" in codes else {}
     axes = {name: plots.principal_axes(model_codes) for name, model_codes in codes.items()}

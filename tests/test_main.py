@@ -102,9 +102,9 @@ def test_bf16_training_follows_fp32_closely_but_not_bit_for_bit(kind):
     def train(precision):
         torch.manual_seed(0)
         model = build_model(ModelConfig(kind=kind, hidden_dim=64))
-        optimizer = main.make_optimizer(model, 3e-3, torch.device("cpu"))
-        parts = main.train_epoch(model, optimizer, images, batch_size=16, shuffle=torch.Generator().manual_seed(0),
-                                 noise=torch.Generator().manual_seed(0), precision=precision)
+        optimizer = utils.make_optimizer(model, 3e-3, torch.device("cpu"))
+        parts = main.train_epoch(model, optimizer, images, batch_size=16, order=torch.Generator().manual_seed(0),
+                                 draws=torch.Generator().manual_seed(0), precision=precision)
         return parts["loss"], torch.cat([p.flatten() for p in model.parameters()])
     (loss_fp32, weights_fp32), (loss_bf16, weights_bf16) = train("fp32"), train("bf16")
     assert weights_bf16.dtype == torch.float32 and not torch.equal(weights_bf16, weights_fp32)
@@ -147,6 +147,7 @@ def test_eval_with_a_bad_checkpoint_is_one_clear_line(synthetic_mnist, tmp_path,
     (["--latent-dim", "0"], "at least 1"), (["--hidden-dim", "-3"], "at least 1"),
     (["--quality-samples", "1"], "at least 129"), (["--latent-study", "4", "0"], "at least 1"),
     (["--device", "foo"], "this machine has: cpu"), (["--eval", "--resume"], "exclude each other"),
+    (["--binarize", "dynamic", "--adversarial-weight", "1"], "use --binarize none with them"),
 ])
 def test_invalid_flags_exit_with_code_2_and_one_line(bad, words, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -282,25 +283,31 @@ def test_benchmark_times_the_resnet_with_both_extra_terms(synthetic_mnist, capsy
     rows = [line for line in printed.splitlines() if line.startswith("VAE ")]
     assert len(rows) == 1 and "(a) this project" in rows[0], printed  # no tutorial twin, no floor
     model = build_model(ModelConfig(kind="vae", hidden_dim=16))
-    objective, critic = benchmark.with_extra_terms(model, 1.0, 0.5, torch.device("cpu"))
+    objective, discriminator_step = benchmark.with_extra_terms(model, 1.0, 0.5, torch.device("cpu"))
     assert objective.adversarial_on and objective.perceptual is not None  # both terms, from step one
-    assert objective.model is model and objective.adversary is critic.adversary
+    assert objective.model is model and objective.discriminator is discriminator_step.discriminator
     assert benchmark.with_extra_terms(model, 0.0, 0.0, torch.device("cpu")) == (model, None)
 
 
-def test_the_readme_line_links_point_into_the_code_they_name():
+@pytest.mark.parametrize("document", ["README.md", "docs/speed.md", "docs/experiments.md"])
+def test_the_line_links_of_the_docs_point_into_the_code_they_name(document):
     import re
 
-    links = re.findall(r"\[`([\w.]+)`\]\((\w+\.py)#L(\d+)-L(\d+)\)", (ROOT / "README.md").read_text())
-    assert len(links) >= 7
+    text = (ROOT / document).read_text()
+    links = re.findall(r"\[`([\w.]+)`\]\(((?:\.\./)?\w+\.py)#L(\d+)(?:-L(\d+))?\)", text)
+    assert len(links) >= (7 if document == "README.md" else 0)
     for name, file, first, last in links:
-        lines = (ROOT / file).read_text().splitlines()
-        definitions = [re.match(r"\s*def (\w+)\(", line) for line in lines[:int(first)]]
+        lines = (ROOT / document).parent.joinpath(file).resolve().read_text().splitlines()
+        opening, closing = lines[int(first) - 1].strip(), lines[int(last or first) - 1].strip()
+        where = f"{document}: {name} at {file}#L{first}-L{last}"
+        if name.isupper():  # a constant: the line that assigns it
+            assert opening.startswith(f"{name} = "), where
+            continue
+        definitions = [re.match(r"\s*(?:def|class) (\w+)\b", line) for line in lines[:int(first)]]
         enclosing = [match[1] for match in definitions if match][-1]  # the last def at or above L{first}
-        opening, closing = lines[int(first) - 1].strip(), lines[int(last) - 1].strip()
-        assert enclosing == name.split(".")[-1], f"{name}: {file}#L{first}-L{last}"
+        assert enclosing == name.split(".")[-1], where
         # the range opens at the def (or at a comment inside it) and ends on code, not a blank line
-        assert opening.startswith(("def ", "#")) and closing, f"{name}: {file}#L{first}-L{last}"
+        assert opening.startswith(("def ", "class ", "#")) and closing, where
 
 
 @pytest.mark.parametrize("folder, advice", [("empty", "`python main.py --checkpoint-dir empty`"),
@@ -314,10 +321,11 @@ def test_no_checkpoint_advice_trains_into_the_folder_asked_for(tmp_path, capsys,
 def test_each_module_imports_only_the_ones_below_it():
     import ast
 
-    order = ["utils", "checkpoint_files", "models", "metrics", "plots", "main"]  # models imports none of the project
+    order = ["utils", "models", "checkpoint_files", "training", "metrics", "plots", "run_folders", "report", "main"]
+    assert {path.stem for path in ROOT.glob("*.py")} == {*order, "benchmark"}  # a new module takes its place here
     for position, name in enumerate(order):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        above = set(order[position:]) | ({"utils", "checkpoint_files"} if name == "models" else set())
+        above = set(order) if name in ("utils", "models") else set(order[position:])  # both import none of ours
         assert not imported & above, f"{name}.py imports {imported & above}"

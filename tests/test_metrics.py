@@ -1,14 +1,15 @@
 """Each metric on a case whose answer is known."""
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-import main
 import metrics
+import training
 import utils
-from models import ModelConfig, build_model
+from models import LatentGaussian, ModelConfig, build_model
 
 
 def tiny_vae(latent_dim=3, seed=0):
@@ -69,6 +70,14 @@ def test_frechet_distance_known_answers():
 def test_histogram_entropy_and_sample_quality_shares():
     assert metrics.histogram_entropy(torch.arange(1000) % 10) == pytest.approx(math.log2(10))
     assert metrics.histogram_entropy(torch.full((50,), 3)) == 0.0
+    samples = torch.full((8, 784), 0.01)
+    samples[torch.arange(6), torch.tensor([0, 0, 0, 1, 1, 1])] = 0.99  # six sure of class 0 or 1
+    samples[6:, :10] = 0.5  # two greys, a little brighter at pixel 2 or 3: classes 2 and 3, unsure
+    samples[6, 2] = samples[7, 3] = 0.55
+    scores = metrics.sample_quality(FirstTenPixels(), samples, torch.rand(50, 10))
+    assert scores["confident_share"] == 0.75
+    shares = torch.tensor([3, 3, 1, 1]) / 8
+    assert scores["class_entropy_bits"] == pytest.approx(-(shares * shares.log2()).sum().item())
 
 
 def test_knn_accuracy_separable_and_leave_one_out():
@@ -84,21 +93,32 @@ def test_gaussian_kl_to_standard_normal():
     generator = torch.Generator().manual_seed(0)
     assert metrics.gaussian_kl_to_standard(torch.randn(200_000, 4, generator=generator)) < 1e-3
     codes = torch.randn(5000, 3, generator=generator) @ torch.tensor([[2.0, 0, 0], [0.5, 1, 0], [0, 0, 0.3]]) + 1.5
-    mean, covariance = codes.double().mean(0), torch.cov(codes.double().T)
-    fitted = torch.distributions.MultivariateNormal(mean, covariance)
+    mean, covariance = codes.double().mean(0), torch.cov(codes.double().T) + 1e-6 * torch.eye(3, dtype=torch.double)
+    fitted = torch.distributions.MultivariateNormal(mean, covariance)  # with the fitted Gaussian's ridge
     zero, identity = torch.zeros(3, dtype=torch.double), torch.eye(3, dtype=torch.double)
     standard = torch.distributions.MultivariateNormal(zero, identity)
     expected = torch.distributions.kl_divergence(fitted, standard).item()
     assert metrics.gaussian_kl_to_standard(codes) == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_collapsed_code_dimension_keeps_the_kl_finite_and_metrics_json_valid(tmp_path):
+    codes = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0))
+    codes[:, 1] = 0.25  # a dimension the codes never vary in
+    statistics = metrics.code_statistics(codes)
+    assert math.isfinite(statistics["gaussian_kl_to_prior"]) and statistics["gaussian_kl_to_prior"] > 5
+    utils.save_json(tmp_path / "metrics.json", {"latent": statistics})
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail)["latent"] == statistics
+    with pytest.raises(utils.ProjectError, match=r"vae\.latent\.kl is inf; nothing is written"):
+        utils.save_json(tmp_path / "metrics.json", {"vae": {"latent": {"kl": math.inf}}})
+
+
 def test_fitted_gaussian_reproduces_the_codes_moments():
     generator = torch.Generator().manual_seed(0)
     codes = torch.randn(20_000, 3, generator=generator) @ torch.tensor([[1.0, 0, 0], [0.8, 0.5, 0], [0, 0, 2]]) - 2
-    samples = metrics.Gaussian.fitted(codes).sample(20_000, seed=1)
+    samples = LatentGaussian.fitted(codes).draw(20_000, torch.Generator().manual_seed(1))
     assert torch.allclose(samples.mean(0), codes.mean(0), atol=0.05)
     assert torch.allclose(torch.cov(samples.T), torch.cov(codes.T), atol=0.1)
-    standard = metrics.Gaussian.standard(3, torch.device("cpu")).sample(20_000, seed=1)
+    standard = LatentGaussian.standard(3).draw(20_000, torch.Generator().manual_seed(1))
     assert torch.allclose(torch.cov(standard.T), torch.eye(3), atol=0.05)
 
 
@@ -156,23 +176,23 @@ def test_binarized_targets():
 
 
 def test_kl_warmup_and_cosine_schedule():
-    assert main.kl_warmup_range(1, 0) == (1.0, 1.0)
-    assert main.kl_warmup_range(1, 4) == (0.0, 0.25)
-    assert main.kl_warmup_range(4, 4) == (0.75, 1.0)
-    assert main.kl_warmup_range(9, 4) == (1.0, 1.0)
-    assert main.learning_rate(1e-3, "constant", 7, 10) == 1e-3
-    assert main.learning_rate(1e-3, "cosine", 1, 10) == 1e-3
-    assert main.learning_rate(1e-3, "cosine", 6, 10) == pytest.approx(0.5e-3)
+    assert training.kl_weight_range(1, 0) == (1.0, 1.0)
+    assert training.kl_weight_range(1, 4) == (0.0, 0.25)
+    assert training.kl_weight_range(4, 4) == (0.75, 1.0)
+    assert training.kl_weight_range(9, 4) == (1.0, 1.0)
+    assert training.learning_rate(1e-3, "constant", 7, 10) == 1e-3
+    assert training.learning_rate(1e-3, "cosine", 1, 10) == 1e-3
+    assert training.learning_rate(1e-3, "cosine", 6, 10) == pytest.approx(0.5e-3)
 
 
 def test_beta_and_warmup_weight_only_the_training_loss():
     model, x = tiny_vae(), binary_images()
     model.beta = 4.0
     torch.manual_seed(0)
-    loss, parts = model(x, kl_warmup=0.5)
+    loss, parts = model(x, kl_weight=0.5)
     assert loss.item() == pytest.approx((parts["bce"] + 2.0 * parts["kl"]).item(), rel=1e-6)
     torch.manual_seed(0)
-    loss_without_kl, _ = model(x, kl_warmup=0.0)
+    loss_without_kl, _ = model(x, kl_weight=0.0)
     assert loss_without_kl.item() == pytest.approx(parts["bce"].item(), rel=1e-6)
 
 

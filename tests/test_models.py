@@ -36,9 +36,16 @@ def test_shapes_and_finite_loss(kind, architecture):
     assert loss.item() == pytest.approx(sum(p.item() for p in parts.values()), rel=1e-6)
 
 
-def test_build_model_picks_class():
-    assert type(tiny("vae")) is VAE
-    assert type(tiny("ae")) is Autoencoder
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=["mlp", "mlp2", "conv"])
+def test_the_vae_is_the_ae_with_an_encoder_that_outputs_mu_and_log_sigma2(architecture):
+    vae, ae = tiny("vae", **architecture), tiny("ae", **architecture)
+    assert type(vae) is VAE and type(ae) is Autoencoder
+    vae_shapes = {name: p.shape for name, p in vae.named_parameters()}
+    ae_shapes = {name: p.shape for name, p in ae.named_parameters()}
+    last = [name for name in vae_shapes if name.startswith("encoder.")][-2:]  # the last layer's weight, bias
+    assert vae_shapes.keys() == ae_shapes.keys()
+    assert {name for name in vae_shapes if vae_shapes[name] != ae_shapes[name]} == set(last)
+    assert all(vae_shapes[name][0] == 2 * ae_shapes[name][0] for name in last)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=["mlp", "mlp2", "conv"])

@@ -9,8 +9,9 @@ from torch import nn
 import checkpoint_files
 import main
 import metrics
+import training
 from conftest import FAST_SCORES, run_expecting_error
-from models import (Adversary, ModelConfig, PerceptualNet, TrainingObjective, adaptive_weight,
+from models import (Discriminator, ModelConfig, PerceptualNet, TrainingObjective, adaptive_weight,
                     build_model)
 
 COMBINATIONS = [(0, 0), (1, 0), (0, 0.5), (1, 0.5)]  # (perceptual weight, adversarial weight)
@@ -20,7 +21,7 @@ def objective(kind, arch, perceptual_weight, adversarial_weight):
     torch.manual_seed(0)
     model = build_model(ModelConfig(kind=kind, latent_dim=3, hidden_dim=32, arch=arch))
     made = TrainingObjective(model=model, perceptual_weight=perceptual_weight, perceptual=PerceptualNet(),
-                             adversarial_weight=adversarial_weight, adversary=Adversary())
+                             adversarial_weight=adversarial_weight, discriminator=Discriminator())
     made.adversarial_on = True
     return made
 
@@ -36,7 +37,7 @@ def test_every_arch_and_loss_gives_shapes_finite_losses_and_its_own_parts(kind, 
     made = objective(kind, arch, *weights)
     x = batch()
     assert made.model.encode(x).shape == (8, 3) and made.model.decode(torch.zeros(5, 3)).shape == (5, 784)
-    loss, parts = made(x, noise=torch.Generator().manual_seed(0))
+    loss, parts = made(x, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert loss.shape == () and math.isfinite(loss.item())
     named = {"kl": kind == "vae", "perceptual": weights[0] > 0, "adversarial": weights[1] > 0}
@@ -44,7 +45,7 @@ def test_every_arch_and_loss_gives_shapes_finite_losses_and_its_own_parts(kind, 
     assert set(parts) == expected
     assert loss.item() == pytest.approx(sum(part.item() for part in parts.values()), rel=1e-5, abs=1e-4)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in made.model.parameters())
-    _, bare_parts = made.model(x, noise=torch.Generator().manual_seed(0))  # the model's own parts, unweighted
+    _, bare_parts = made.model(x, generator=torch.Generator().manual_seed(0))  # the model's own parts, unweighted
     assert bare_parts["bce"].item() == pytest.approx(parts["bce"].item(), rel=1e-6)
     assert made.decoded.shape == (8, 784) and made.decoded.min() >= 0 and made.decoded.max() <= 1
 
@@ -63,23 +64,23 @@ def test_the_resnet_has_no_path_from_encoder_to_decoder_but_the_code():
 def test_the_discriminator_and_the_model_move_only_through_their_own_losses():
     made = objective("vae", "mlp", 1, 0.5)
     model_optimizer = torch.optim.Adam(made.model.parameters(), lr=1e-2)
-    critic = main.DiscriminatorStep(made.adversary, 1e-2, torch.device("cpu"))
+    discriminator_step = training.DiscriminatorStep(made.discriminator, 1e-2, torch.device("cpu"))
     x = batch()
-    before = {name: p.detach().clone() for name, p in made.adversary.named_parameters()}
+    before = {name: p.detach().clone() for name, p in made.discriminator.named_parameters()}
     loss, _ = made(x)
     model_optimizer.zero_grad()
     loss.backward()
     model_optimizer.step()
-    assert all(torch.equal(before[name], p) for name, p in made.adversary.named_parameters())
+    assert all(torch.equal(before[name], p) for name, p in made.discriminator.named_parameters())
     model_before = {name: p.detach().clone() for name, p in made.model.named_parameters()}
     grads_before = {name: p.grad.clone() for name, p in made.model.named_parameters()}
-    critic.step(x, made.decoded)
+    discriminator_step.step(x, made.decoded)
     assert all(torch.equal(model_before[name], p) for name, p in made.model.named_parameters())
     assert all(torch.equal(grads_before[name], p.grad) for name, p in made.model.named_parameters())
-    assert not all(torch.equal(before[name], p) for name, p in made.adversary.named_parameters())
+    assert not all(torch.equal(before[name], p) for name, p in made.discriminator.named_parameters())
     # and the hinge loss never reaches the decodes it is given: it detaches them
     fake = made.model.decode(torch.zeros(2, 3)).sigmoid()
-    made.adversary.discriminator_loss(x[:2], fake).backward()
+    made.discriminator.discriminator_loss(x[:2], fake).backward()
     assert all(p.grad is None or torch.equal(grads_before[name], p.grad)
                for name, p in made.model.named_parameters())
 
@@ -93,16 +94,23 @@ def test_the_adaptive_weight_is_the_ratio_of_gradient_norms_clamped_and_detached
 
 
 def test_the_hinge_loss_and_the_model_term_at_known_logits():
-    adversary = Adversary()
-    adversary.discriminator = nn.Identity()  # the "images" are the logits themselves
+    discriminator = Discriminator()
+    discriminator.layers = nn.Identity()  # the "images" are the logits themselves
     real, fake = torch.tensor([[2.0, 0.5]]), torch.tensor([[-3.0, 0.0]])
     # real: relu(1 - 2) = 0, relu(1 - 0.5) = 0.5; fake: relu(1 - 3) = 0, relu(1 + 0) = 1; halved
-    assert adversary.discriminator_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
-    assert adversary.model_loss(fake).item() == pytest.approx(1.5)
+    assert discriminator.discriminator_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
+    assert discriminator.model_loss(fake).item() == pytest.approx(1.5)
 
 
-def test_the_patch_discriminator_gives_a_map_of_patches():
-    assert Adversary()(batch(3)).shape == (3, 1, 7, 7)
+def test_the_patch_discriminator_judges_each_patch_by_its_own_pixels():
+    torch.manual_seed(0)
+    discriminator, images = Discriminator(), batch(2)
+    changed = images.clone().view(2, 28, 28)
+    changed[:, :6, :6] = 1 - changed[:, :6, :6]  # the top left corner only
+    before, after = discriminator(images), discriminator(changed.view(2, 784))
+    assert before.shape == (2, 1, 7, 7)  # a logit per patch
+    moved = (after - before).abs()[:, 0] > 1e-6  # (2, 7, 7)
+    assert moved[:, 0, 0].all() and not moved[:, 4:, :].any() and not moved[:, :, 4:].any()
 
 
 def run_flags(data_dir, out, epochs, *extra):
@@ -118,7 +126,7 @@ def test_resume_with_the_discriminator_on_is_bit_for_bit_and_eval_keeps_the_hone
     main.main(run_flags(synthetic_mnist, tmp_path / "resumed", 3, "--resume"))
     straight, resumed = (checkpoint_files.load_checkpoint(tmp_path / run / "checkpoints" / "vae.pt")
                          for run in ("straight", "resumed"))
-    for part in ("model", "adversary"):
+    for part in ("model", "discriminator"):
         first, second = (straight[part], resumed[part]) if part == "model" else \
             (straight[part]["model"], resumed[part]["model"])
         assert all(torch.equal(first[name], second[name]) for name in first), part
@@ -135,11 +143,9 @@ def test_the_perceptual_network_is_never_the_scoring_classifier(synthetic_mnist,
     perceptual = checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / "perceptual-mnist.pt")
     scoring = checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / "classifier-mnist.pt")
     assert perceptual["config"]["kind"] == "perceptual" and scoring["config"]["kind"] == "classifier"
-    assert not isinstance(PerceptualNet(), metrics.DigitClassifier)
     def weight_shapes(state):  # the layers' weights (the ten-class biases share a shape)
         return {tuple(tensor.shape) for tensor in state.values() if tensor.dim() > 1}
     assert not weight_shapes(scoring["model"]) & weight_shapes(perceptual["model"])  # no layer in common
-    assert metrics.PERCEPTUAL_SEED != 0  # the scoring classifier's seed
 
 
 def test_a_slimmed_checkpoint_evaluates_compares_and_refuses_resume_in_one_line(synthetic_mnist, tmp_path,
@@ -151,7 +157,7 @@ def test_a_slimmed_checkpoint_evaluates_compares_and_refuses_resume_in_one_line(
     main.main(run)
     main.main(["--eval", "--slim", *run[:6], *FAST_SCORES])
     slim = checkpoint_files.load_checkpoint(tmp_path / "checkpoints/comparison/gan/vae.pt")
-    assert "optimizer" not in slim and "adversary" not in slim
+    assert "optimizer" not in slim and "discriminator" not in slim
     code, printed = run_expecting_error([*run, "--epochs", "3", "--resume"], capsys)
     assert code == 2 and "slimmed" in printed
     table = main.main([*common, "--compare"])

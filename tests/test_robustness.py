@@ -2,6 +2,7 @@
 numerical failure, unwritable folders, fuzzed IDX files."""
 import contextlib
 import copy
+import dataclasses
 import errno
 import gzip
 import io
@@ -187,12 +188,14 @@ def small_disk(tmp_path, monkeypatch):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-def fill(disk):
-    """Fill the small disk to its last byte."""
+def fill(disk, *, room=0):
+    """Fill the small disk to its last byte, or to its last `room` bytes (a page each for the folders' locks)."""
     if disk["mounted"]:
-        with contextlib.suppress(OSError), open(disk["folder"] / "filler", "wb", buffering=0) as filler:
+        (disk["folder"] / "room").write_bytes(b"\0" * room)
+        with contextlib.suppress(OSError), open(disk["folder"] / "filler", "ab", buffering=0) as filler:
             while True:
                 filler.write(b"\0" * 4096)
+        (disk["folder"] / "room").unlink()
     disk["full"] = True
 
 
@@ -201,11 +204,12 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_previous_checkpoint_and_fig
     out = small_disk["folder"]
     main.main(flags(synthetic_mnist, out, 1, "--models", "vae"))
     before = {path: path.read_bytes() for path in [out / "checkpoints" / "vae.pt", out / "figures" / "manifold.png"]}
-    fill(small_disk)
+    fill(small_disk, room=2 * 4096)  # the two folders' locks fit, a checkpoint does not
     code, printed = run_expecting_error(flags(synthetic_mnist, out, 2, "--models", "vae", "--resume"),
                                         capsys)
     assert code == 1 and "cannot write" in printed and "vae.pt keeps its previous contents" in printed
     assert "No space left on device" in printed
+    fill(small_disk)  # the room the locks took is free again
     with pytest.raises(utils.ProjectError, match="manifold.png keeps its previous contents"):
         utils.save_figure(plots.Figure(), out / "figures" / "manifold.png")
     assert {path: path.read_bytes() for path in before} == before
@@ -240,6 +244,7 @@ def test_a_second_run_into_a_folder_in_use_stops_and_names_the_first(synthetic_m
         holder.wait()
     main.main(flags(synthetic_mnist, tmp_path, 1))  # a folder left locked by a dead run is taken over
     assert (tmp_path / "checkpoints" / "vae.pt").is_file()
+    assert not list(tmp_path.rglob(".lock"))  # a run that ends leaves no lock behind
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_says_what_the_disk_holds(synthetic_mnist, tmp_path, capsys,
@@ -261,7 +266,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_says_what_the_disk_holds(synthet
 
 def test_a_model_failing_beside_the_other_stops_both_and_names_itself(synthetic_mnist, tmp_path, capsys,
                                                                       monkeypatch):
-    def diverging_forward(self, x, kl_warmup=1.0, noise=None):
+    def diverging_forward(self, x, kl_weight=1.0, generator=None):
         loss = (self.decode(self.encode(x)) * float("nan")).sum()
         return loss, {"bce": loss.detach()}
     monkeypatch.setattr(models.VAE, "forward", diverging_forward)
@@ -417,6 +422,33 @@ def test_a_checkpoint_is_read_as_data_and_each_fault_is_one_line_naming_the_file
     assert path.read_bytes() == before
 
 
+def test_each_checkpoint_is_read_and_rebuilt_once_per_run(trained, monkeypatch):
+    data_dir, out = trained
+    rebuilt, restore = [], checkpoint_files.restore_model
+    monkeypatch.setattr(checkpoint_files, "restore_model", lambda *args, **kwargs: rebuilt.append(
+        Path(args[1]).name) or restore(*args, **kwargs))
+    main.main(flags(data_dir, out, 1, "--eval"))
+    assert rebuilt == ["vae.pt", "ae.pt"]
+    rebuilt.clear()
+    main.main(flags(data_dir, out, 2, "--resume"))  # the trained models are scored as they are
+    assert rebuilt == ["vae.pt", "ae.pt"]
+
+
+def test_a_config_field_may_be_a_bool_or_zero_and_is_checked_as_its_flag_checks_it(tmp_path):
+    @dataclasses.dataclass
+    class Config:
+        conditional: bool = False
+        warmup: int = 1
+
+    parser = main.build_parser()
+    parser.add_argument("--warmup", type=main.number(int, 0))
+    assert checkpoint_files.dataclass_from(Config, {"conditional": True, "warmup": 0}, "c.pt", parser) == \
+        Config(True, 0)
+    for bad in ({"conditional": 1}, {"warmup": -1}, {"warmup": True}, {"warmup": 0.5}):
+        with pytest.raises(utils.ProjectError, match="c.pt: its config's"):
+            checkpoint_files.dataclass_from(Config, bad, "c.pt", parser)
+
+
 def test_adam_moments_that_do_not_fit_are_one_line_on_resume(trained, capsys):
     data_dir, out = trained
     rewrite_checkpoint(out / "checkpoints" / "ae.pt",
@@ -504,8 +536,9 @@ def trained_with_a_discriminator(tmp_path_factory):
 
 def discriminator_field_paths(checkpoint):
     """Every place in a checkpoint's discriminator (its weights, its Adam) a value can be replaced."""
-    adversary, adam = checkpoint["adversary"], checkpoint["adversary"]["optimizer"]
-    places = [(adversary, key) for key in adversary] + [(adversary["model"], key) for key in adversary["model"]]
+    discriminator, adam = checkpoint["discriminator"], checkpoint["discriminator"]["optimizer"]
+    places = [(discriminator, key) for key in discriminator]
+    places += [(discriminator["model"], key) for key in discriminator["model"]]
     places += [(adam, key) for key in adam] + [(adam["param_groups"][0], key) for key in adam["param_groups"][0]]
     return places + [(adam["state"][0], key) for key in adam["state"][0]]
 
@@ -576,7 +609,7 @@ def test_a_classifier_cache_of_another_dataset_or_damaged_is_one_line(tmp_path):
 
 def test_a_sampler_whose_codes_are_all_equal_still_scores():
     codes = torch.ones(200, 4)
-    samples = metrics.Gaussian.fitted(codes).sample(300, seed=0)
+    samples = models.LatentGaussian.fitted(codes).draw(300, torch.Generator().manual_seed(0))
     assert samples.isfinite().all() and samples.std(dim=0).max() < 0.01
     features = torch.ones(300, 8)
     assert metrics.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
