@@ -251,13 +251,20 @@ def restore_adam(optimizer, saved):
     how = [{key: group[key] for key in HOW_ADAM_RUNS if key in group} for group in own_groups]
     optimizer.load_state_dict({**saved, "param_groups": [{**group, **own_how}
                                                          for group, own_how in zip(groups, how)]})
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            for name, value in optimizer.state[parameter].items():  # step, exp_avg, exp_avg_sq
-                if not isinstance(value, torch.Tensor) or value.dtype != parameter.dtype \
-                        or value.shape != (() if name == "step" else parameter.shape) \
-                        or not value.isfinite().all() or (name != "exp_avg" and (value < 0).any()):
-                    raise ValueError("Adam's moments do not fit the weights or are not finite")
+    if any(key not in group for group, own in zip(optimizer.param_groups, own_groups)
+           for key in own):  # what torch does not fill in for an older file (eps, betas, ...)
+        raise ValueError("its settings lack one the Adam this project trains with has")
+    states = [optimizer.state[parameter] for group in optimizer.param_groups
+              for parameter in group["params"]]
+    if any(states) and not all(set(state) >= {"step", "exp_avg", "exp_avg_sq"} for state in states):
+        raise ValueError("its moments are missing for some weights")
+    for parameter, state in zip((p for group in optimizer.param_groups for p in group["params"]),
+                                states):
+        for name, value in state.items():  # step, exp_avg, exp_avg_sq
+            if not isinstance(value, torch.Tensor) or value.dtype != parameter.dtype \
+                    or value.shape != (() if name == "step" else parameter.shape) \
+                    or not value.isfinite().all() or (name != "exp_avg" and (value < 0).any()):
+                raise ValueError("Adam's moments do not fit the weights or are not finite")
 
 
 def same_adam_settings(group, own):

@@ -13,6 +13,24 @@ import time
 
 STARTED = time.perf_counter()  # before the imports below, so that the table of phases shows them
 
+import os
+import signal
+
+
+def stopped_before_the_run(number, frame):
+    """A Ctrl-C or SIGTERM before the run has begun (torch takes a second or two to import):
+    one line, exit code 130; nothing was written."""
+    try:
+        os.write(2, f"error: stopped by {signal.Signals(number).name} before the run began; "
+                    "nothing was written\n".encode())
+    finally:
+        os._exit(130)
+
+
+if __name__ == "__main__":  # run as a script, from its first instant
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, stopped_before_the_run)
+
 import argparse
 import gc
 import math
@@ -140,12 +158,12 @@ def add_output_flags(group):
     group.add_argument("--dataset", choices=list(utils.DATASETS), default="mnist",
                        help="MNIST digits or Fashion-MNIST clothes (--eval and --resume use the "
                             "checkpoints' own)")
-    group.add_argument("--data-dir", metavar="DIR", default="data",
+    group.add_argument("--data-dir", metavar="DIR", default="data", type=folder,
                        help="folder with the four IDX files (.gz or not, flat or in torchvision's "
                             "MNIST/raw layout); torchvision downloads them there if none is found")
-    group.add_argument("--checkpoint-dir", metavar="DIR", default="checkpoints",
+    group.add_argument("--checkpoint-dir", metavar="DIR", default="checkpoints", type=folder,
                        help="where vae.pt and ae.pt are written")
-    group.add_argument("--figure-dir", metavar="DIR", default="figures",
+    group.add_argument("--figure-dir", metavar="DIR", default="figures", type=folder,
                        help="where the figures and metrics.json are written")
     group.add_argument("--models", nargs="+", choices=list(MODEL_NAMES),
                        help="which models to train (default: both) or evaluate (default: those "
@@ -191,6 +209,14 @@ def number(kind, minimum, *, above=False, why=""):
             raise argparse.ArgumentTypeError(f"must be {bound}{why}, got {text}")
         return value
     return parse
+
+
+def folder(text):
+    """argparse type: a folder's path, each of whose names the file system takes."""
+    problem = utils.path_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -446,11 +472,8 @@ def print_epoch(name, record, epochs):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # each line when printed, into a pipe or tee too
-    try:
+    with utils.script_streams():  # a closed pipe, a full disk under stdout: never a traceback
         main()
-        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at Python's exit
-    except BrokenPipeError:  # a reader closed stdout or stderr (`python main.py | head -1`)
-        utils.silence_closed_streams()
-        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a process whose pipe closed
+    for number in (signal.SIGINT, signal.SIGTERM):  # the run has ended: a signal now just ends it
+        signal.signal(number, signal.SIG_DFL)
     gc.freeze()  # Python's exit then skips a garbage collection over torch's objects (0.5 s)

@@ -491,22 +491,51 @@ COMPARISON_COLUMNS = [  # (key, title, format) of each comparison_row
     ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("epochs", "epochs", "{}")]
 
 
-def comparison_row(scores, kind):
-    """The numbers --compare tabulates for one model, from its run's metrics.json: its
-    likelihood (the test losses stay the ELBO's whatever it trained on), reconstructions, prior
-    samples and speed; a number the file lacks (written before it existed) is left out."""
-    model = scores[kind]
-    samples = scores["samples"][f"{kind.upper()}, z ~ N(0, I)"]
-    row = {"test_loss": model["test"]["loss"],
-           "test_nll_iwae": model.get("test_nll_iwae", {}).get("nats"),
-           "psnr": model["reconstruction"]["psnr"], "ssim": model["reconstruction"]["ssim"],
-           "frechet_distance": samples["frechet_distance"],
-           "confident_share": samples["confident_share"],
-           "sample_sharpness": samples.get("sharpness"),
-           "reconstruction_sharpness": model["reconstruction"].get("sharpness"),
-           "seconds_per_epoch": model["seconds_per_epoch"], "epochs": model["epochs"],
-           "arch": model["config"]["arch"], "flags": model["flags"]}
+def comparison_row(scores, kind, path, fix):
+    """The numbers --compare tabulates for one model, from its run's metrics.json (`scores`, read
+    from `path`): its likelihood (the test losses stay the ELBO's whatever it trained on),
+    reconstructions, prior samples and speed. Each checked as data: a number the file lacks that
+    came later to the project (sharpness) is left out, one that is not a number is one line
+    ending with `fix`."""
+    sampler = f"{kind.upper()}, z ~ N(0, I)"
+    fields = {"test_loss": (kind, "test", "loss"), "test_nll_iwae": (kind, "test_nll_iwae", "nats"),
+              "psnr": (kind, "reconstruction", "psnr"), "ssim": (kind, "reconstruction", "ssim"),
+              "frechet_distance": ("samples", sampler, "frechet_distance"),
+              "confident_share": ("samples", sampler, "confident_share"),
+              "sample_sharpness": ("samples", sampler, "sharpness"),
+              "reconstruction_sharpness": (kind, "reconstruction", "sharpness"),
+              "seconds_per_epoch": (kind, "seconds_per_epoch"), "epochs": (kind, "epochs")}
+    optional = {"sample_sharpness", "reconstruction_sharpness", *(["test_nll_iwae"] * (kind == "ae"))}
+    row = {column: read_field(scores, keys, (int, float), path, fix, column in optional)
+           for column, keys in fields.items()}
+    row["arch"] = read_field(scores, (kind, "config", "arch"), str, path, fix)
+    row["flags"] = read_field(scores, (kind, "flags"), dict, path, fix)
     return {key: value for key, value in row.items() if value is not None}
+
+
+def comparison_basis(scores, kind, path, fix):
+    """What must be the same for two runs' numbers to compare: the dataset, the targets
+    (--binarize), the samples each sample score counts and the IWAE bound's samples (VAE)."""
+    return {"dataset": read_field(scores, ("dataset",), str, path, fix),
+            "--binarize": read_field(scores, (kind, "binarize"), str, path, fix),
+            "--quality-samples": read_field(scores, ("quality_samples",), int, path, fix),
+            "--nll-samples": read_field(scores, (kind, "test_nll_iwae", "samples"), int, path, fix,
+                                        optional=kind == "ae")}
+
+
+def read_field(scores, keys, kind, path, fix, optional=False):
+    """scores[keys[0]][keys[1]]... read from the JSON file `path`, checked to be of type `kind`
+    (a number finite, not a bool); None where it is absent and `optional`, else one line."""
+    value = scores
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None and optional:
+        return None
+    numbers = kind in (int, (int, float))
+    if not isinstance(value, kind) or (numbers and not checkpoint_files.is_finite_number(value)):
+        raise utils.ProjectError(f"{path}: its {'.'.join(keys)} is {checkpoint_files.brief(value)}"
+                                 f", not {'a number' if numbers else 'a ' + kind.__name__}; {fix}")
+    return value
 
 
 def comparison_table(table):

@@ -175,24 +175,43 @@ def comparison_runs(args):
 
 
 def compare_runs(args, phases, parser):
-    """--compare: each run's model from its checkpoint and its scores from its metrics.json;
-    the figure of samples and reconstructions and the table (printed and written as JSON)."""
-    with phases("reading the data"):
-        data = utils.load_data(args.data_dir, args.dataset, torch.device("cpu"))
-    models, table = {}, {}
+    """--compare: each run's scores from its metrics.json and its model from its checkpoint, all
+    checked, and the runs refused where their numbers do not compare; then the figure of samples
+    and reconstructions and the table (printed and written as JSON)."""
+    runs, table, bases = comparison_runs(args), {}, {}
+    for label, kind, path, metrics_path in runs:
+        scores = utils.load_json(metrics_path)
+        fix = (f"rewrite it with python main.py --eval --checkpoint-dir {path.parent} "
+               f"--figure-dir {metrics_path.parent}")
+        table[label] = metrics.comparison_row(scores, kind, metrics_path, fix)
+        bases[metrics_path] = metrics.comparison_basis(scores, kind, metrics_path, fix)
+    dataset = same_basis(bases)
+    printed = metrics.comparison_table(table)
     with phases("loading the checkpoints"):
-        for label, kind, path, metrics_path in comparison_runs(args):
-            models[label] = checkpoint_files.read_saved_model(path, kind, parser).model
-            try:
-                table[label] = metrics.comparison_row(utils.load_json(metrics_path), kind)
-            except (KeyError, TypeError, AttributeError) as error:
-                raise utils.ProjectError(f"{metrics_path} lacks the {kind.upper()}'s score "
-                                         f"{error}; rewrite it with python main.py --eval "
-                                         f"--checkpoint-dir {path.parent}") from None
+        models = {label: checkpoint_files.read_saved_model(path, kind, parser).model
+                  for label, kind, path, _ in runs}
+    with phases("reading the data"):
+        data = utils.load_data(args.data_dir, dataset, torch.device("cpu"))
     folder = Path(args.figure_dir) / "comparison"
     with phases("drawing the figures"):
         plots.plot_comparison(models, data["test"][0], folder / "comparison.png")
     utils.save_json(folder / "comparison.json", table)
-    print(metrics.comparison_table(table))
+    print(printed)
     print(f"comparison.png and comparison.json written to {folder}/")
     return table
+
+
+def same_basis(bases):
+    """The dataset of runs whose numbers compare ({metrics.json path: comparison_basis}); one line
+    naming two files where a dataset or a flag that changes the numbers differs."""
+    for field in next(iter(bases.values())):
+        seen = {}  # value -> the first file with it
+        for path, basis in bases.items():
+            if basis[field] is not None:
+                seen.setdefault(basis[field], path)
+        if len(seen) > 1:
+            (first, first_path), (other, other_path) = list(seen.items())[:2]
+            raise utils.ProjectError(f"--compare: {first_path} was scored with {field} {first}, "
+                                     f"{other_path} with {other}: their numbers do not compare; "
+                                     f"compare runs of one {field}")
+    return next(iter(bases.values()))["dataset"]

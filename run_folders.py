@@ -5,6 +5,7 @@ failed allocation stops it, naming what the folders hold. Trains, scores and dra
 import argparse
 import contextlib
 import dataclasses
+import shlex
 from pathlib import Path
 
 import checkpoint_files
@@ -60,7 +61,7 @@ def name_decided_flags(run_args, saved):
     training flag a note (the run continues exactly as it began); --eval uses neither."""
     decided = {}  # (flag, the checkpoint's value, the given value) -> the files
     for model in saved.values():
-        stored = {**model.checkpoint["config"], **model.flags,
+        stored = {**model.flags, **model.checkpoint["config"],  # the config is the model's truth
                   "epochs": len(model.checkpoint["history"])}
         for flag in MODEL_FLAGS + TRAINING_FLAGS + ["dataset"] + ["epochs"] * run_args.eval:
             given = getattr(run_args, flag)
@@ -108,8 +109,9 @@ def stop_message(signal_name, phase, args):
                 "same command again")
     paths = [checkpoint_files.checkpoint_path(run_args.checkpoint_dir, kind)
              for run_args in split_runs(args) for kind in args.models or MODEL_NAMES]
+    command = shlex.join(["python", "main.py", *args.argv, "--resume"])  # works when pasted
     return (f"stopped by {signal_name} while {phase}; {checkpoint_files.saved_epochs(paths)}; "
-            f"continue with: python main.py {' '.join(args.argv)} --resume")
+            f"continue with: {command}")
 
 
 @contextlib.contextmanager

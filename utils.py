@@ -92,6 +92,23 @@ def read_idx(path, kind):
     return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
 
 
+def path_problem(path):
+    """Why the file system would refuse `path` by its names alone (a name longer than it
+    allows), or None."""
+    path = Path(path)
+    existing = next((folder for folder in path.parents if exists(folder)), Path("."))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # AttributeError: Windows has no pathconf
+        limit = 255
+    for name in path.parts:
+        size = len(os.fsencode(name))
+        if size > limit:
+            return (f"the name {name[:24]}... is {size} bytes long, and this file system takes "
+                    f"at most {limit}; pick a shorter one")
+    return None
+
+
 def is_file(path):
     """Whether `path` names a file; one line where the file system refuses the name itself (a
     name too long for it, say)."""
@@ -278,10 +295,18 @@ def write_atomically(path, write):
         write(temporary)
         os.replace(temporary, path)
     except OSError as error:
-        kept = f"{path.name} keeps its previous contents" if path.exists() else "nothing is written"
+        kept = f"{path.name} keeps its previous contents" if exists(path) else "nothing is written"
         raise ProjectError(f"cannot write {path} ({error.strerror or error}); {kept}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk: the error above is the one to say
+            temporary.unlink(missing_ok=True)
+
+
+def exists(path):
+    """Path.exists(), False where the file system refuses the name itself."""
+    with contextlib.suppress(OSError):
+        return Path(path).exists()
+    return False
 
 
 def load_json(path):
@@ -378,6 +403,74 @@ class FolderLock:
 
 # ------------------------------------------------------------------- threads, signals and phases
 
+class GuardedStream:
+    """stdout or stderr of main.py run as a script: a write that fails (a full disk under it, a
+    terminal gone) is remembered and the stream pointed at os.devnull, so that the run goes on
+    and says so at its end; a reader that closed its pipe (`| head`) still raises BrokenPipeError,
+    which ends the run."""
+
+    def __init__(self, stream, failure=None):
+        self.stream, self.failure = stream, failure
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as error:  # ValueError: a file closed under it
+            self.fail(error)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as error:
+            self.fail(error)
+
+    def fail(self, error):
+        self.failure = self.failure or (error.strerror if isinstance(error, OSError) else None) \
+            or first_line(error, 60)
+        with contextlib.suppress(OSError, ValueError):  # what is buffered then goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def script_streams():
+    """stdout and stderr for main.py run as a script: stdout line-buffered (each line when printed,
+    into a pipe or tee too), any path printable (a name that is not UTF-8 comes out escaped), a
+    closed or failing stream never a traceback. A closed pipe ends the run with 141; output lost
+    otherwise is said in one line at the end, exit code 1, unless the run ended with its own."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:  # closed before the run began (`>&-`)
+            setattr(sys, name, GuardedStream(open(os.devnull, "w"), failure="it is closed"))
+            continue
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(line_buffering=name == "stdout", errors="backslashreplace")
+        setattr(sys, name, GuardedStream(stream))
+    code = 0
+    try:
+        yield
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at Python's exit
+    except BrokenPipeError:  # a reader closed stdout or stderr (`python main.py | head -1`)
+        silence_closed_streams()
+        code = 141  # 128 + SIGPIPE: what a shell reports for a process whose pipe closed
+    except SystemExit as exited:
+        code = exited.code
+    if sys.stdout.failure and not code:
+        print(f"error: could not write to standard output ({sys.stdout.failure}): what the run "
+              "printed there is lost; the files it writes are written", file=sys.stderr)
+        code = 1
+    if code:
+        sys.exit(code)
+
+
 def silence_closed_streams():
     """Point stdout and stderr at os.devnull, so that Python's exit writes nothing more into a
     closed pipe (where it would print a traceback of its own)."""
@@ -413,8 +506,9 @@ def sync(device):
 
 
 
-class Stopped(Exception):
-    """SIGINT or SIGTERM ended the run."""
+class Stopped(BaseException):
+    """SIGINT or SIGTERM ended the run. A BaseException, as KeyboardInterrupt is: no `except
+    Exception` that copes with a failure (a download's, a file's) may swallow the user's stop."""
 
     def __init__(self, signal_name):
         super().__init__(signal_name)

@@ -30,6 +30,7 @@ import main
 import metrics
 import models
 import plots
+import run_folders
 import utils
 from conftest import FAST_SCORES, ROOT, check_error_line, make_synthetic_mnist, run_expecting_error
 
@@ -68,8 +69,8 @@ def no_half_written_files(folder):
             json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3"], ["--precision", "bf16"]],
-                         ids=["default", "dynamic", "bf16"])
+@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3", "--precision", "bf16"]],
+                         ids=["default", "dynamic-bf16"])
 def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, options):
     main.main(flags(synthetic_mnist, tmp_path / "straight", 4, *options))
     main.main(flags(synthetic_mnist, tmp_path / "resumed", 2, *options))
@@ -427,10 +428,7 @@ def test_each_checkpoint_is_read_and_rebuilt_once_per_run(trained, monkeypatch):
     rebuilt, restore = [], checkpoint_files.restore_model
     monkeypatch.setattr(checkpoint_files, "restore_model", lambda *args, **kwargs: rebuilt.append(
         Path(args[1]).name) or restore(*args, **kwargs))
-    main.main(flags(data_dir, out, 1, "--eval"))
-    assert rebuilt == ["vae.pt", "ae.pt"]
-    rebuilt.clear()
-    main.main(flags(data_dir, out, 2, "--resume"))  # the trained models are scored as they are
+    main.main(flags(data_dir, out, 2, "--resume"))  # read, continued, then scored as they are
     assert rebuilt == ["vae.pt", "ae.pt"]
 
 
@@ -486,6 +484,9 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(all
                  st.builds(lambda shape: torch.randn(shape), st.lists(st.integers(0, 3), max_size=2)))
 
 
+REMOVED = object()
+
+
 def field_paths(checkpoint):
     """Every place in a checkpoint where a value can be replaced: (container, key) pairs."""
     places = [(checkpoint, key) for key in checkpoint]
@@ -506,14 +507,18 @@ def test_any_field_of_a_checkpoint_replaced_by_anything_gives_a_result_or_one_li
 
 def run_with_one_field_replaced(data, trained, names, places_of, *extra):
     """Copy a trained run's checkpoints, replace one field (of places_of(checkpoint)) of one of
-    `names` by anything, then run main with `extra`: it must end in a result or in one line."""
+    `names` by anything or remove it, then run main with `extra`: it must end in a result or in one line."""
     data_dir, source = trained
     out = Path(tempfile.mkdtemp())
     shutil.copytree(source / "checkpoints", out / "checkpoints")
     path = out / "checkpoints" / data.draw(st.sampled_from(names))
     checkpoint = torch.load(path, weights_only=True)
     container, key = data.draw(st.sampled_from(places_of(checkpoint)))
-    container[key] = data.draw(JUNK)
+    value = data.draw(st.one_of(st.just(REMOVED), JUNK))
+    if value is REMOVED:  # a field the file lacks, optional or not
+        del container[key]
+    else:
+        container[key] = value
     torch.save(checkpoint, path)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -613,3 +618,111 @@ def test_a_sampler_whose_codes_are_all_equal_still_scores():
     assert samples.isfinite().all() and samples.std(dim=0).max() < 0.01
     features = torch.ones(300, 8)
     assert metrics.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------- from the first instant to the last line
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_torch_imports_is_one_line(tmp_path, number):
+    process = start_main(["--eval", "--checkpoint-dir", tmp_path], tmp_path)
+    time.sleep(0.4)  # torch takes a second or more to import
+    process.send_signal(number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr == f"error: stopped by {signal.Signals(number).name} before the run began; nothing was written\n"
+
+
+def test_a_signal_while_a_download_waits_stops_the_run(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def waiting_download(**kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the network, waited on; the handler ends the wait
+    monkeypatch.setattr(torchvision.datasets, "MNIST", waiting_download)
+    code, printed = run_expecting_error(["--data-dir", tmp_path / "empty", "--epochs", "1"], capsys)
+    assert code == 130 and printed.startswith("error: stopped by SIGINT while reading the data")
+
+
+def test_standard_output_on_a_full_disk_or_closed_is_one_line_after_the_work(trained, capsys, monkeypatch):
+    data_dir, out = trained
+    (out / "figures" / "metrics.json").unlink()
+    capsys.readouterr()
+    with open("/dev/full", "w") as full, pytest.raises(SystemExit) as exited:
+        monkeypatch.setattr(sys, "stdout", full)
+        with utils.script_streams():  # as main.py run as a script has them
+            main.main(flags(data_dir, out, 1, "--eval"))
+    printed = capsys.readouterr().err
+    assert exited.value.code == 1 and (out / "figures" / "metrics.json").is_file(), printed  # the work is done
+    assert printed.startswith("error: could not write to standard output (No space left on device)"), printed
+    assert len(printed.splitlines()) == 1, printed
+    closed = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], env=QUIET, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: os.close(1), timeout=60)
+    assert closed.returncode == 1 and closed.stderr.startswith("error: could not write to standard output (it "
+                                                               "is closed)"), closed.stderr
+
+
+def test_names_the_file_system_refuses_or_cannot_print_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main.parse_args(["--checkpoint-dir", str(tmp_path / ("x" * 300) / "run")])
+    printed = capsys.readouterr().err
+    assert exited.value.code == 2 and "is 300 bytes long, and this file system takes at most 255" in printed
+    with pytest.raises(utils.ProjectError, match="cannot use the path"):
+        utils.is_file(tmp_path / ("y" * 300))
+    folder = os.fsencode(tmp_path) + b"/runs-\xff"  # a folder whose name is not UTF-8
+    os.mkdir(folder)
+    ran = subprocess.run([sys.executable, str(ROOT / "main.py"), "--eval", "--checkpoint-dir", folder], cwd=tmp_path,
+                         env={**QUIET, "PYTHONIOENCODING": "utf-8"}, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr
+    assert ran.stderr.startswith("error: no checkpoint at ") and "runs-\\udcff/vae.pt" in ran.stderr
+
+
+def test_a_checkpoint_without_its_stored_flags_evaluates_with_the_defaults(trained):
+    data_dir, out = trained
+    for kind in ("vae", "ae"):
+        rewrite_checkpoint(out / "checkpoints" / f"{kind}.pt", lambda checkpoint: checkpoint.pop("args"))
+    assert main.main(flags(data_dir, out, 1, "--eval"))["vae"]["flags"]["binarize"] == "none"
+
+
+def test_compare_checks_the_files_it_reads_before_it_writes_and_refuses_other_datasets(trained, capsys):
+    data_dir, out = trained
+    compare = ["--data-dir", data_dir, "--checkpoint-dir", out / "checkpoints", "--figure-dir", out / "figures",
+               "--compare"]
+    main.main([str(word) for word in compare])
+    written = out / "figures" / "comparison" / "comparison.json"
+    before = written.read_bytes()
+    scores = json.loads((out / "figures" / "metrics.json").read_text())
+    scores["vae"]["test"]["loss"] = "102.9"
+    (out / "figures" / "metrics.json").write_text(json.dumps(scores))
+    code, printed = run_expecting_error(compare, capsys)
+    assert code == 1 and "metrics.json: its vae.test.loss is '102.9', not a number; rewrite it" in printed
+    assert written.read_bytes() == before
+    scores["vae"]["test"]["loss"] = 102.9
+    (out / "figures" / "metrics.json").write_text(json.dumps(scores))
+    other = out / "checkpoints" / "comparison" / "fashion"
+    other.mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "vae.pt", other / "vae.pt")
+    (out / "figures" / "comparison" / "fashion").mkdir()
+    (out / "figures" / "comparison" / "fashion" / "metrics.json").write_text(json.dumps({**scores,
+                                                                                       "dataset": "fashion-mnist"}))
+    code, printed = run_expecting_error(compare, capsys)
+    assert code == 1 and "was scored with dataset mnist" in printed and "with fashion-mnist: their numbers" in printed
+    assert written.read_bytes() == before
+
+
+def test_the_command_that_resumes_works_when_pasted():
+    import shlex
+
+    args = main.parse_args(["--checkpoint-dir", "my runs", "--epochs", "3", "--figure-dir", "figures"])
+    message = run_folders.stop_message("SIGINT", "training", args)
+    command = message.split("continue with: ")[1]
+    assert command == "python main.py --checkpoint-dir 'my runs' --epochs 3 --figure-dir figures --resume"
+    assert shlex.split(command)[2:-1] == args.argv
+
+
+def test_a_failed_write_on_a_read_only_disk_is_one_error(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(utils.ProjectError, match=r"cannot write .*a\.json \(Read-only file system\); nothing is "
+                                                 r"written"):
+        utils.write_atomically(tmp_path / "a.json", read_only)  # the cleanup's own failure is not a second error
