@@ -7,13 +7,15 @@
 
 and prints the ratios (b)/(a) and (a)/(c). With --precision bf16, (a) trains as `main.py
 --precision bf16` does and (c) times bfloat16 matmuls; (b) stays the tutorial as published, fp32.
-On the CPU it also times (a) for both models side by side, as main.py trains them, against the
-sums of their (b) and (c). Peak memory: on CUDA, allocated tensors; on the CPU, the process's
-resident set (Python, torch and the data included), and in "epoch adds" what an epoch took beyond
-what was resident when it began. The methods are interleaved and each reported as the median of
---repeats epochs, since shared machines drift. All run in one process, with main.py's device
-set-up (utils.pick_device, which flushes denormal numbers to zero): (b) here is the tutorial's
-code under that mode, not the tutorial's process; time that with its own script.
+It also times (a) for both models side by side, as main.py trains them (on a CPU a thread each
+with half the cores, on a GPU a CUDA stream each), against the sums of their (b) and (c). Peak
+memory: on CUDA, allocated tensors; on the CPU, the process's resident set (Python, torch and the
+data included), and in "epoch adds" what an epoch took beyond what was resident when it began.
+The methods are interleaved and each reported as the median of --repeats epochs, since shared
+machines drift. All run in one process, with main.py's device set-up (utils.pick_device, which
+flushes denormal numbers to zero, and utils.use_device): (b) here is the tutorial's code under
+that mode, not the tutorial's process; time that with its own script. Without torchvision (b)
+is left out.
 
     python benchmark.py
     python benchmark.py --precision bf16
@@ -73,7 +75,7 @@ def side_by_side_epoch(kinds, train_images, batch_size, device, precision, **sha
     epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position,
                                   **shape)
               for position, kind in enumerate(kinds)}
-    return lambda: utils.side_by_side(epochs)
+    return lambda: utils.side_by_side(epochs, device=device)
 
 
 def stage_for_torchvision(data_dir, folder):
@@ -197,7 +199,8 @@ def timed(run, device):
 
 
 def methods_to_time(args, train_images, root, device):
-    """{(models, method): one epoch}, for each model and, on a CPU, for both side by side."""
+    """{(models, method): one epoch}, for each model and, on a CPU or a GPU, for both side by
+    side."""
     steps = -(-len(train_images) // args.batch_size)
     methods, shape = {}, {"arch": args.arch, "hidden_dim": args.hidden_dim,
                           "perceptual_weight": args.perceptual_weight,
@@ -207,12 +210,23 @@ def methods_to_time(args, train_images, root, device):
                                                args.precision, **shape)
         if args.arch != "mlp" or args.perceptual_weight > 0 or args.adversarial_weight > 0:
             continue  # the tutorial and the floor are the plain MLP's
-        methods[kind, TUTORIAL] = tutorial_epoch(kind, root, args.batch_size, device)
+        if has_torchvision():
+            methods[kind, TUTORIAL] = tutorial_epoch(kind, root, args.batch_size, device)
         methods[kind, FLOOR] = floor_epoch(kind, steps, args.batch_size, device, args.precision)
-    if device.type == "cpu" and len(args.models) > 1:
+    if device.type in ("cpu", "cuda") and len(args.models) > 1:
         methods["+".join(args.models), SIDE_BY_SIDE] = side_by_side_epoch(
             args.models, train_images, args.batch_size, device, args.precision, **shape)
     return methods
+
+
+def has_torchvision():
+    """Whether the tutorial's torchvision is installed; where it is not, (b) is left out."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        print("torchvision is not installed: (b), the tutorial's DataLoader epoch, is left out")
+        return False
+    return True
 
 
 def time_methods(methods, repeats, device):
@@ -244,12 +258,15 @@ def print_table(median, memory, kinds, images, steps):
         print(f"{kind.upper():7} (b)/(a) = {b / a:.2f}x faster than the tutorial; "
               f"(a)/(c) = {a / c:.2f}x the floor")
     both = "+".join(kinds)
-    if (both, SIDE_BY_SIDE) in median and all((kind, TUTORIAL) in median for kind in kinds):
-        a = median[both, SIDE_BY_SIDE]
-        alone, b, c = (sum(median[kind, name] for kind in kinds)
-                       for name in (PROJECT, TUTORIAL, FLOOR))
-        print(f"{both.upper():7} side by side: {alone / a:.2f}x faster than one after the other; "
-              f"against the sums of (b) and (c): (b)/(a) = {b / a:.2f}x, (a)/(c) = {a / c:.2f}x")
+    if (both, SIDE_BY_SIDE) in median:
+        a, alone = median[both, SIDE_BY_SIDE], sum(median[kind, PROJECT] for kind in kinds)
+        sums = ""
+        if all((kind, TUTORIAL) in median for kind in kinds):
+            b, c = (sum(median[kind, name] for kind in kinds) for name in (TUTORIAL, FLOOR))
+            sums = (f"; against the sums of (b) and (c): (b)/(a) = {b / a:.2f}x, (a)/(c) = "
+                    f"{a / c:.2f}x")
+        print(f"{both.upper():7} side by side: {alone / a:.2f}x faster than one after the "
+              f"other{sums}")
 
 
 def main_benchmark(argv=None):
@@ -275,6 +292,7 @@ def main_benchmark(argv=None):
     args = parser.parse_args(argv)
     try:
         device = utils.pick_device(args.device)
+        utils.use_device(device)
         if args.precision == "bf16":
             utils.check_bf16(device)
         train_images = utils.to_model_input(utils.load_dataset(args.data_dir)["train"][0], device)

@@ -256,6 +256,7 @@ def run(args, phases, stop):
         runs = [run_folders.open_run(run_args, parser) for run_args in run_folders.split_runs(args)]
     dataset = run_folders.dataset_of(args, runs)
     device = utils.pick_device(args.device)
+    utils.use_device(device)
     resumed = {model.flags["precision"] for run in runs for model in run.saved.values()}
     if not args.eval and "bf16" in {args.precision} | resumed:
         utils.check_bf16(device)
@@ -299,10 +300,10 @@ class Trainee:
 
 def train_models(args, saved, data, device, phases, stop, dataset):
     """Train each model of args.models, continuing its saved model if there is one; return
-    {kind: SavedModel} of the trained models. On a CPU the VAE and the AE train side by side, each
-    in a thread with half of torch's threads: one small model leaves the cores idle between its
-    many short operations, and the other fills them (README, Speed). Each draws from its own
-    generators."""
+    {kind: SavedModel} of the trained models. The VAE and the AE train side by side, each in a
+    thread, on a CPU with half of torch's threads, on a GPU with a CUDA stream of its own: one
+    small model leaves the device idle between its many short operations, and the other fills
+    it (README, Speed). Each draws from its own generators."""
     with phases("building the models"):
         trainees = [start_training(kind, args, saved.get(kind), device) for kind in args.models]
     for trainee in trainees:
@@ -315,9 +316,10 @@ def train_models(args, saved, data, device, phases, stop, dataset):
     jobs = {trainee.kind: partial(fit, trainee, args, data, stop, position)
             for position, trainee in enumerate(trainees)}
     with phases("training"), stop.polled():
-        if device.type != "cpu" or len(jobs) == 1 or torch.get_num_threads() < 2:
+        if len(jobs) == 1 or device.type == "mps" or (device.type == "cpu"
+                                                      and torch.get_num_threads() < 2):
             return {kind: job() for kind, job in jobs.items()}
-        return utils.side_by_side(jobs, stop)
+        return utils.side_by_side(jobs, stop, device)
 
 
 def start_training(kind, args, saved, device):

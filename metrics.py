@@ -2,6 +2,7 @@
 the IWAE bound on -log p(x), the sample scores, and the small CNN behind those scores, which never
 trains the VAE or the AE. Draws nothing and writes only the classifiers' caches: the scoring CNN's
 and, trained the same way but another network, the perceptual loss's (models.PerceptualNet)."""
+import itertools
 import math
 from pathlib import Path
 
@@ -68,16 +69,16 @@ def sharpness(images, real_images):
 @torch.inference_mode()
 def evaluate_loss(model, images, *, seed=0, batch_size=2000):
     """Mean loss parts per image (nats) over `images` (N, 784) and their sum as "loss": the VAE's
-    negative ELBO with one z per image, drawn from a generator seeded with `seed` (so the same
-    weights always score the same), the AE's BCE."""
+    negative ELBO with one z per image, drawn on the CPU from a generator seeded with `seed` (so
+    the same weights always score the same, on every device), the AE's BCE."""
     model.eval()
-    generator = torch.Generator(device=images.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    parts = [model(batch, generator=generator)[1] for batch in batches(images, batch_size)]
+    values = torch.stack([torch.stack(list(part.values())) for part in parts]).tolist()  # one wait
     totals = {}
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        _, parts = model(batch, generator=generator)
-        for name, value in parts.items():
-            totals[name] = totals.get(name, 0.0) + value.item() * len(batch)
+    for batch, part, row in zip(batches(images, batch_size), parts, values):
+        for name, value in zip(part, row):
+            totals[name] = totals.get(name, 0.0) + value * len(batch)
     means = {name: total / len(images) for name, total in totals.items()}
     return {"loss": sum(means.values()), **means}
 
@@ -103,7 +104,7 @@ def posteriors_of(vae, images, batch_size=2000):
 
 def sample_codes(mu, logvar, seed=0):
     """One z ~ q(z|x) = N(mu, exp(logvar)) per image (N, D): a sample of the aggregate posterior."""
-    return reparameterize(mu, logvar, torch.Generator(device=mu.device).manual_seed(seed))
+    return reparameterize(mu, logvar, torch.Generator().manual_seed(seed))  # drawn on the CPU
 
 
 @torch.inference_mode()
@@ -118,8 +119,8 @@ def reconstruction_errors(model, codes, images, targets, batch_size=2000):
     """Decode `codes` (N, D) of `images` (N, 784) and compare: BCE against the model's targets
     (nats per image); MSE per pixel, PSNR (dB, peak 1) and SSIM against the grey images."""
     model.eval()
-    scores = {"bce": [], "mse": [], "psnr": [], "ssim": []}
-    decoded = []
+    scores = {"bce": [], "mse": [], "psnr": []}
+    windows, decoded = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         logits = model.decode(codes[start:start + batch_size])  # (B, 784)
@@ -128,16 +129,23 @@ def reconstruction_errors(model, codes, images, targets, batch_size=2000):
         squared_error = (reconstruction - batch).pow(2).mean(dim=1)  # (B,)
         scores["mse"].append(squared_error)
         scores["psnr"].append(-10 * torch.log10(squared_error.clamp(min=1e-10)))
-        scores["ssim"].append(ssim(reconstruction, batch))
+        windows.append(ssim_windows(reconstruction, batch))
         decoded.append(reconstruction)
+    scores["ssim"] = [ssim_index(torch.cat(windows, dim=1))]
     return {**{name: torch.cat(values).mean().item() for name, values in scores.items()},
             "sharpness": sharpness(torch.cat(decoded), images)}
 
 
-def ssim(images_a, images_b, *, window=11, sigma=1.5):
+def ssim(images_a, images_b):
     """Structural similarity (Wang et al. 2004) of pairs of images in [0, 1], (N, 784) -> (N,):
     local means, variances and covariance under an 11x11 Gaussian window (sigma 1.5),
     C1 = 0.01^2, C2 = 0.03^2, averaged over the 18x18 window positions inside the image."""
+    return ssim_index(ssim_windows(images_a, images_b))
+
+
+def ssim_windows(images_a, images_b, *, window=11, sigma=1.5):
+    """SSIM's local means of a, b, a^2, b^2 and ab under the Gaussian window, in float32 where
+    the images are: (5, N, 18, 18)."""
     a, b = (images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).float() for images in (images_a, images_b))
     taps = torch.exp(-(torch.arange(window, device=a.device) - window // 2) ** 2 / (2 * sigma**2))
     positions = IMAGE_SIDE - window + 1
@@ -146,8 +154,13 @@ def ssim(images_a, images_b, *, window=11, sigma=1.5):
         band[k:k + window, k] = taps / taps.sum()
     # the window is separable: band.T @ map @ band filters the columns, then the rows (8x faster
     # than conv2d on a CPU)
-    local = band.T @ torch.stack([a, b, a * a, b * b, a * b]) @ band  # (5, N, 18, 18)
-    mean_a, mean_b, mean_aa, mean_bb, mean_ab = local.double()
+    return band.T @ torch.stack([a, b, a * a, b * b, a * b]) @ band  # (5, N, 18, 18)
+
+
+def ssim_index(local):
+    """Each image's SSIM (N,) from its ssim_windows: E[a^2] - E[a]^2 cancels most of its digits,
+    so in float64, on the CPU (which every device has)."""
+    mean_a, mean_b, mean_aa, mean_bb, mean_ab = local.cpu().double()
     var_a, var_b, covariance = mean_aa - mean_a**2, mean_bb - mean_b**2, mean_ab - mean_a * mean_b
     c1, c2 = 0.01**2, 0.03**2
     index = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)
@@ -156,26 +169,44 @@ def ssim(images_a, images_b, *, window=11, sigma=1.5):
 
 
 @torch.inference_mode()
-def iwae_nll(model, images, num_samples, *, seed=0, batch_size=10, chunk_size=100, progress=False):
+def iwae_nll(model, images, num_samples, *, seed=0, batch_size=10, chunk_size=100, progress=False,
+             per_call=None):
     """The importance-weighted estimate of -log p(x) per image (nats), mean over `images` (Burda
     et al. 2015): -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x). An upper bound on the
-    NLL that tightens as K grows; K = 1 is the negative ELBO. The samples are drawn `chunk_size`
-    at a time and summed with a running logsumexp, so memory stays near chunk_size * batch_size
-    * 784 floats whatever K is: 1,000 rows per decoder call stay in a CPU's caches (2x faster
-    than 5,000)."""
+    NLL that tightens as K grows; K = 1 is the negative ELBO. The noise is drawn on the CPU,
+    `batch_size` images and `chunk_size` samples at a time, in the same order on every device;
+    a CPU decodes one such batch a call (1,000 rows stay in its caches: 2x faster than 5,000), a
+    GPU up to 100 at once; the weights are summed with a running logsumexp in float64 on the CPU,
+    one block of batches at a time, so memory stays bounded whatever K is. per_call: batches
+    decoded a call (None: by the device)."""
     model.eval()
-    generator = torch.Generator(device=images.device).manual_seed(seed)
-    total = 0.0
-    for batch in tqdm(batches(images, batch_size), total=math.ceil(len(images) / batch_size),
-                      desc=f"IWAE bound, {num_samples} samples", leave=False,
-                      disable=None if progress else True):
-        log_sum = torch.full((len(batch),), -math.inf, device=batch.device, dtype=torch.float64)
-        for drawn in range(0, num_samples, chunk_size):
-            count = min(chunk_size, num_samples - drawn)
-            log_weights = model.log_importance_weights(batch, count, generator)  # (count, B)
-            log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_weights.double(), dim=0))
-        total += -(log_sum - math.log(num_samples)).sum().item()
+    generator, total = torch.Generator().manual_seed(seed), 0.0
+    if per_call is None:
+        per_call = 1 if images.device.type == "cpu" else \
+            max(1, min(100, 2**24 // (batch_size * num_samples * model.latent_dim)))
+    with tqdm(total=math.ceil(len(images) / batch_size), desc=f"IWAE bound, {num_samples} "
+              "samples", leave=False, disable=None if progress else True) as bar:
+        for block in batches(images, batch_size * per_call):
+            sizes = [len(batch) for batch in batches(block, batch_size)]
+            eps = [[torch.randn(min(chunk_size, num_samples - drawn), size, model.latent_dim,
+                                generator=generator) for drawn in range(0, num_samples, chunk_size)]
+                   for size in sizes]  # [batch][chunk]: (count, B, D), as a batch at a time draws
+            log_weights = torch.cat([model.log_importance_weights(
+                block, len(chunk[0]), eps=torch.cat(chunk, dim=1)) for chunk in zip(*eps)]).cpu()
+            for first, size in zip(itertools.accumulate([0, *sizes]), sizes):  # (K, B) each
+                total += batch_iwae_sum(log_weights[:, first:first + size], num_samples, chunk_size)
+            bar.update(len(sizes))
     return total / len(images)
+
+
+def batch_iwae_sum(log_weights, num_samples, chunk_size):
+    """The sum over a batch of -log (1/K) sum_k w_k from its log weights (K, B), in float64,
+    chunk by chunk with a running logsumexp."""
+    log_sum = torch.full((log_weights.shape[1],), -math.inf, dtype=torch.float64)
+    for drawn in range(0, num_samples, chunk_size):
+        chunk = log_weights[drawn:drawn + chunk_size].cpu().contiguous().double()  # (count, B)
+        log_sum = torch.logaddexp(log_sum, torch.logsumexp(chunk, dim=0))
+    return -(log_sum - math.log(num_samples)).sum().item()
 
 
 def posterior_statistics(mu, logvar):
@@ -209,7 +240,7 @@ def knn_accuracy(codes, labels, k=5, batch_size=500):
     Euclidean, majority vote (ties go to the smaller label). 500 rows of distances at a time: 1.6x
     faster than 1,000 on a CPU."""
     codes, labels = codes.float(), labels.to(codes.device)
-    correct = 0
+    correct = 0  # a tensor on the codes' device once summed: read once, at the end
     for start in range(0, len(codes), batch_size):
         distances = torch.cdist(codes[start:start + batch_size], codes)  # (b, N)
         rows = torch.arange(len(distances), device=codes.device)
@@ -217,8 +248,8 @@ def knn_accuracy(codes, labels, k=5, batch_size=500):
         neighbours = labels[distances.topk(k, largest=False).indices]  # (b, k)
         votes = torch.zeros(len(neighbours), int(labels.max()) + 1, device=codes.device)
         votes.scatter_add_(1, neighbours, torch.ones_like(neighbours, dtype=votes.dtype))
-        correct += (votes.argmax(dim=1) == labels[start:start + batch_size]).sum().item()
-    return correct / len(codes)
+        correct = correct + (votes.argmax(dim=1) == labels[start:start + batch_size]).sum()
+    return int(correct) / len(codes)
 
 
 def frechet_distance(features_a, features_b):
@@ -236,15 +267,15 @@ def frechet_distance(features_a, features_b):
 
 
 def feature_moments(features):
-    """The mean (F,) and covariance (F, F) of a feature set (N, F), in float64."""
-    features = features.double()
+    """The mean (F,) and covariance (F, F) of a feature set (N, F), in float64 on the CPU."""
+    features = features.detach().cpu().double()
     return features.mean(dim=0), torch.cov(features.T)
 
 
 def histogram_entropy(predicted, num_classes=10):
     """Entropy (bits) of the histogram of predicted classes: log2(10) = 3.32 when all ten are
     equally common."""
-    counts = torch.bincount(predicted, minlength=num_classes).double()
+    counts = torch.bincount(predicted.cpu(), minlength=num_classes).double()
     shares = counts[counts > 0] / counts.sum()
     return -(shares * shares.log2()).sum().item() + 0.0  # + 0.0: one class gives 0.0, not -0.0
 
@@ -279,13 +310,13 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
     device = train_images.device
     classifier = network().to(device)
     optimizer = utils.make_optimizer(classifier, 1e-3, device)
-    shuffle = torch.Generator(device=device).manual_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed)  # the same order on every device
     train_labels = train_labels.to(device)
     classifier.train()
     steps = epochs * math.ceil(len(train_images) / batch_size)
     with tqdm(total=steps, desc=description, leave=False, disable=None) as progress:
         for _ in range(epochs):
-            order = torch.randperm(len(train_images), generator=shuffle, device=device)
+            order = torch.randperm(len(train_images), generator=shuffle).to(device)
             for indices in batches(order, batch_size):
                 loss = F.cross_entropy(classifier(train_images[indices]), train_labels[indices])
                 optimizer.zero_grad(set_to_none=True)
@@ -463,8 +494,8 @@ def interpolation_quality(model, codes, labels, classifier, reference_features, 
 
 
 def mean_and_error(values):
-    """{"mean", "standard_error"} of one value per pair (P,)."""
-    values = values.double()
+    """{"mean", "standard_error"} of one value per pair (P,), in float64 on the CPU."""
+    values = values.detach().cpu().double()
     return {"mean": values.mean().item(), "standard_error": (values.std() / len(values) ** 0.5)
             .item()}
 
@@ -473,6 +504,7 @@ def with_bootstrap(features, reference_features, *, resamples=50, seed=0):
     """The Frechet distance of `features` to the reference and its spread: the standard
     deviation over `resamples` bootstrap resamples of `features`."""
     generator, reference = torch.Generator().manual_seed(seed), feature_moments(reference_features)
+    features = features.cpu()  # resampled with the CPU generator's indices
     draws = [frechet_distance(features[torch.randint(len(features), (len(features),),
                                                      generator=generator)], reference)
              for _ in range(resamples)]
@@ -505,7 +537,8 @@ def comparison_row(scores, kind, path, fix):
               "sample_sharpness": ("samples", sampler, "sharpness"),
               "reconstruction_sharpness": (kind, "reconstruction", "sharpness"),
               "seconds_per_epoch": (kind, "seconds_per_epoch"), "epochs": (kind, "epochs")}
-    optional = {"sample_sharpness", "reconstruction_sharpness", *(["test_nll_iwae"] * (kind == "ae"))}
+    optional = {"sample_sharpness", "reconstruction_sharpness"}  # older files lack them
+    optional |= {"test_nll_iwae"} if kind == "ae" else set()
     row = {column: read_field(scores, keys, (int, float), path, fix, column in optional)
            for column, keys in fields.items()}
     row["arch"] = read_field(scores, (kind, "config", "arch"), str, path, fix)

@@ -114,15 +114,17 @@ class VAE(Autoencoder):
         loss = reconstruction + (kl_weight * self.beta) * kl
         return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}, logits
 
-    def log_importance_weights(self, x, num_samples, generator=None):
+    def log_importance_weights(self, x, num_samples, generator=None, *, eps=None):
         """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B).
 
         The IWAE bound log (1/K) sum_k w_k is a lower bound on log p(x) that tightens as K grows
         (Burda et al. 2015); K = 1 gives the ELBO. The constants log(2 pi) of p(z) and q(z|x)
-        cancel. generator: the torch.Generator that draws the z_k (None: torch's global one).
+        cancel. generator: the torch.Generator that draws the z_k (None: torch's global one); or
+        pass the draws `eps` (K, B, D) themselves.
         """
         mu, logvar = self.posterior(x)  # (B, D) each
-        eps = torch.randn(num_samples, *mu.shape, generator=generator, device=x.device)  # (K, B, D)
+        eps = standard_normal((num_samples, *mu.shape), generator, mu) if eps is None \
+            else eps.to(mu.device)  # (K, B, D)
         z = reparameterize(mu, logvar, eps=eps)  # (K, B, D)
         logits = self.decode(z.reshape(-1, self.latent_dim)).reshape(num_samples, len(x), -1)
         log_likelihood = -bernoulli_nll_per_image(logits, x)  # log p(x | z): (K, B)
@@ -137,8 +139,15 @@ def reparameterize(mu, logvar, generator=None, *, eps=None):
     torch.Generator that draws eps (None: torch's global one); or pass the draws `eps` themselves
     (any shape that broadcasts against mu)."""
     if eps is None:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = standard_normal(mu.shape, generator, mu)
     return mu + torch.exp(0.5 * logvar) * eps
+
+
+def standard_normal(shape, generator, like):
+    """N(0, I) draws of `shape`, made where `generator` lives (a CPU one gives the same draws on
+    every device) and moved to the device and dtype of the tensor `like`."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def kl_to_standard_normal(mu, logvar):

@@ -188,11 +188,12 @@ def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row
 
 
 def principal_axes(codes):
-    """(N, D) -> (D, 2) orthonormal: the top two principal axes of the codes (z's own axes when
-    D <= 2), each signed so that its largest component is positive, so that the latent scatter
-    and the GIF show one orientation."""
+    """(N, D) -> (D, 2) orthonormal, on the CPU: the top two principal axes of the codes (z's own
+    axes when D <= 2), each signed so that its largest component is positive, so that the latent
+    scatter and the GIF show one orientation."""
+    codes = codes.detach().cpu()  # an SVD every device has
     if codes.shape[1] <= 2:  # a 1-D latent space: its points on the first axis
-        return torch.eye(codes.shape[1], 2, dtype=codes.dtype, device=codes.device)
+        return torch.eye(codes.shape[1], 2, dtype=codes.dtype)
     _, _, v = torch.linalg.svd(codes - codes.mean(dim=0), full_matrices=False)  # v's rows: axes
     axes = v[:2].T
     return axes * torch.sign(axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)))
@@ -246,7 +247,7 @@ def plot_latent_scatter(codes, axes_of, labels, dataset, path):
     labels = labels.cpu().numpy()
     for ax, (name, model_codes) in zip(axes, codes.items()):
         # NumPy: matplotlib reads a tensor element by element (0.15 s for the figure)
-        points = (model_codes.float() @ axes_of[name]).cpu().numpy()
+        points = (model_codes.float().cpu() @ axes_of[name].float()).numpy()
         scatter = draw_codes(ax, points, labels, axis_labels=axis_names(model_codes.shape[1]),
                              title=f"{name}: {model_codes.shape[1]}-D codes of the test set")
         ax.set_aspect("equal", adjustable="datalim")

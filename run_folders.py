@@ -116,16 +116,25 @@ def stop_message(signal_name, phase, args):
 
 @contextlib.contextmanager
 def one_line_errors(args, phases):
-    """A signal or a failed allocation, in any phase, becomes one line that names the phase."""
+    """A signal, a failed allocation or a GPU's failure (an operation it lacks), in any phase,
+    becomes one line that names the phase (and the device, with the way out)."""
     try:
         yield
     except utils.Stopped as stopped:
         message = stop_message(stopped.signal_name, phases.current, args)
         raise utils.ProjectError(message, exit_code=130) from None
-    except (MemoryError, RuntimeError) as error:
-        if not utils.is_out_of_memory(error):
-            raise
-        flags = MEMORY_FLAGS.get(phases.current, ["hidden_dim", "batch_size"])
-        named = " or ".join(f"--{flag.replace('_', '-')} (now {getattr(args, flag)})"
-                            for flag in flags)
-        raise utils.ProjectError(f"out of memory while {phases.current}; lower {named}") from None
+    except (MemoryError, RuntimeError, NotImplementedError) as error:
+        device = utils.pick_device(args.device)
+        on_a_gpu = device.type != "cpu"
+        if utils.is_out_of_memory(error):
+            flags = MEMORY_FLAGS.get(phases.current, ["hidden_dim", "batch_size"])
+            named = " or ".join(f"--{flag.replace('_', '-')} (now {getattr(args, flag)})"
+                                for flag in flags)
+            raise utils.ProjectError(f"out of memory{f' on {device}' * on_a_gpu} while "
+                                     f"{phases.current}; lower {named}"
+                                     f"{', or run with --device cpu' * on_a_gpu}") from None
+        if on_a_gpu and utils.is_device_failure(error, device):
+            raise utils.ProjectError(f"the {device} device failed while {phases.current} "
+                                     f"({utils.first_line(error, 120)}); run with --device "
+                                     "cpu") from None
+        raise

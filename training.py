@@ -155,13 +155,18 @@ RESTORE_ERRORS = (AttributeError, KeyError, TypeError, ValueError, RuntimeError)
 def restore_training_state(checkpoint, path, optimizer, generators, device):
     """Adam's moments and the generators' states ({name: generator}, as the checkpoint's "rng"
     names them), as the checkpoint at `path` saved them; one line where the file holds something
-    else. Generator states are per kind of device: on another kind they start from the seed."""
+    else. Generator states are per kind of device: on another kind they start from the seed, and
+    a note says that the run then goes on, but not bit for bit as it would have."""
     try:
         checkpoint_files.restore_adam(optimizer, checkpoint.get("optimizer"))
-        rng = checkpoint.get("rng")
-        if torch.device(checkpoint.get("device", "cpu")).type == device.type:
+        rng, trained_on = checkpoint.get("rng"), torch.device(checkpoint.get("device", "cpu"))
+        if trained_on.type == device.type:
             for name, generator in generators.items():
                 generator.set_state(rng[name])
+        else:
+            print(f"note: {path} trained on {trained_on.type}; on {device.type} its batch order "
+                  "and its draws start again from its seed, so the run goes on, but not bit for "
+                  f"bit as it would have on {trained_on.type}")
     except RESTORE_ERRORS as error:
         raise utils.ProjectError(f"{path}: its optimizer or random state cannot be restored "
                                  f"({utils.first_line(error, 80)}); --eval still evaluates it, "

@@ -4,6 +4,7 @@ the table of phases, and ProjectError, the one-line error a user can fix. Import
 project; nothing runs on import."""
 import contextlib
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -199,8 +200,8 @@ def binarized(images, binarize, split):
     dynamic training the grey images, which train_epoch samples afresh for each batch."""
     if binarize == "none" or (binarize == "dynamic" and split == "train"):
         return images
-    generator = torch.Generator(device=images.device).manual_seed(BINARIZATION_SEEDS[split])
-    return torch.bernoulli(images, generator=generator)
+    generator = torch.Generator().manual_seed(BINARIZATION_SEEDS[split])  # the same on every device
+    return torch.bernoulli(images.cpu(), generator=generator).to(images.device)
 
 
 def available_devices():
@@ -210,8 +211,8 @@ def available_devices():
 
 def pick_device(name):
     """The torch.device `name` ("auto": CUDA, then Apple MPS, then the CPU) if this machine has
-    it, with TF32 matmuls on CUDA; any other name is an error that lists the devices here.
-    Call it before any other torch work: it sets the CPU's mode for the threads torch starts."""
+    it; any other name is an error that lists the devices here. Call it before any other torch
+    work: it sets the CPU's mode for the threads torch starts (and nothing of a GPU's)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else \
             "mps" if torch.backends.mps.is_available() else "cpu"
@@ -223,13 +224,21 @@ def pick_device(name):
     if known not in available_devices():
         raise ProjectError(f"there is no device {name!r} here; this machine has: "
                            f"{', '.join(available_devices())}")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32: 10-bit mantissa products, fp32 sums
     # Numbers below 1e-38 (denormals) take a CPU's slow path, and Adam's moments for pixels that
     # are always blank decay into them by epoch 2: flushed to zero, epochs run 10-15% faster.
     # torch's threads inherit the mode from the thread that starts them, hence "before".
     torch.set_flush_denormal(True)
     return device
+
+
+def use_device(device):
+    """Compute on `device` as on the CPU: float32 products in float32, without the TF32 that
+    cuDNN's convolutions use by default on a recent NVIDIA GPU (its 10-bit products would move
+    the scores by more than float32 rounding), with the chosen GPU as the current one."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.cuda.set_device(device)
 
 
 def make_optimizer(module, lr, device, **settings):
@@ -246,8 +255,13 @@ def check_bf16(device):
         raise ProjectError(f"--precision bf16 is for CPUs and CUDA GPUs, not {device.type}; use "
                            "--precision fp32")
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise ProjectError(f"{device} has no bfloat16 support; train with --precision fp32")
+        with torch.cuda.device(device):  # the chosen GPU, not the current one
+            if not torch.cuda.is_bf16_supported(including_emulation=True):
+                raise ProjectError(f"{device} has no bfloat16 support; train with --precision "
+                                   "fp32")
+            if not torch.cuda.is_bf16_supported(including_emulation=False):
+                print(f"note: {device} ({torch.cuda.get_device_name(device)}) emulates bfloat16, "
+                      "so --precision bf16 will likely train slower than fp32")
         return
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     native = capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
@@ -274,6 +288,14 @@ def error_reason(error, limit):
     if len(lines) > 1 and lines[0].endswith(":"):
         return f"{lines[0]} {lines[-1]}"[:limit]
     return first_line(error, limit)
+
+
+def is_device_failure(error, device):
+    """Whether `error` is a GPU's own: an operation it lacks (Apple's MPS raises
+    NotImplementedError), or an error its runtime names (CUDA, cuDNN, cuBLAS, MPS)."""
+    text = str(error).lower()
+    return isinstance(error, NotImplementedError) or any(
+        word in text for word in (device.type, "cudnn", "cublas", "accelerator"))
 
 
 def is_out_of_memory(error):
@@ -480,12 +502,17 @@ def silence_closed_streams():
             os.dup2(devnull, stream.fileno())
 
 
-def side_by_side(jobs, stop=None):
-    """Run the callables `jobs` ({name: job}) at once, each in a thread with its share of torch's
-    CPU threads; return {name: result}. If one fails, `stop` asks the others to end after their
-    current step, and its error is raised."""
+def side_by_side(jobs, stop=None, device=None):
+    """Run the callables `jobs` ({name: job}) at once, each in a thread; return {name: result}. On
+    a CPU each thread gets its share of torch's threads; on a GPU its own CUDA stream, so that the
+    kernels of one run while the other's are launched. If one fails, `stop` asks the others to
+    end after their current step, and its error is raised."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        jobs = {name: functools.partial(on_own_stream, job, device) for name, job in jobs.items()}
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(jobs)))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads // len(jobs)))
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:
             futures = {name: pool.submit(job) for name, job in jobs.items()}
@@ -500,9 +527,21 @@ def side_by_side(jobs, stop=None):
         torch.set_num_threads(threads)
 
 
+def on_own_stream(job, device):
+    """job(), its kernels queued on a CUDA stream of its own once the current stream's (the
+    data's) are done; returns when they have run."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        result = job()
+    stream.synchronize()
+    return result
+
+
 def sync(device):
+    """Wait for what this thread has queued on `device` (its current CUDA stream), to time it."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 

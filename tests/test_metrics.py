@@ -265,3 +265,29 @@ def test_interpolation_pairs_are_fixed_and_distinct():
     pairs = metrics.interpolation_pairs(labels)
     assert pairs.shape == (1000, 2) and torch.equal(pairs, metrics.interpolation_pairs(labels))
     assert (pairs[:, 0] != pairs[:, 1]).all() and len(pairs.flatten().unique()) == 2000
+
+
+def test_the_iwae_bound_draws_the_same_noise_however_many_batches_a_call_decodes():
+    model, x = tiny_vae(), binary_images(n=23)  # a GPU decodes many batches a call, a CPU one
+    one = metrics.iwae_nll(model, x, 10, batch_size=3, chunk_size=4, per_call=1)
+    for per_call in (2, 5, 100):
+        assert metrics.iwae_nll(model, x, 10, batch_size=3, chunk_size=4, per_call=per_call) == \
+            pytest.approx(one, rel=1e-6)
+    assert metrics.iwae_nll(model, x, 10, batch_size=3, chunk_size=4, seed=1) != pytest.approx(one, rel=1e-6)
+
+
+def test_float64_work_is_done_on_the_cpu_by_construction():
+    """Apple's GPU has no float64: every float64 tensor of the scoring is made from one moved to the CPU
+    (`.cpu()` before `.double()`), or made on the CPU (no device given)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("models", "metrics", "plots", "report", "training"):
+        source = (root / f"{name}.py").read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "double":
+                assert ".cpu()" in ast.get_source_segment(source, node.func.value), \
+                    f"{name}.py:{node.lineno}: .double() of a tensor not moved to the CPU"
+            if isinstance(node, ast.Call) and "float64" in ast.get_source_segment(source, node):
+                assert not any(keyword.arg == "device" for keyword in node.keywords), f"{name}.py:{node.lineno}"

@@ -31,6 +31,7 @@ import metrics
 import models
 import plots
 import run_folders
+import training
 import utils
 from conftest import FAST_SCORES, ROOT, check_error_line, make_synthetic_mnist, run_expecting_error
 
@@ -726,3 +727,30 @@ def test_a_failed_write_on_a_read_only_disk_is_one_error(tmp_path, monkeypatch):
     with pytest.raises(utils.ProjectError, match=r"cannot write .*a\.json \(Read-only file system\); nothing is "
                                                  r"written"):
         utils.write_atomically(tmp_path / "a.json", read_only)  # the cleanup's own failure is not a second error
+
+
+def test_a_resume_on_another_kind_of_device_says_what_it_cannot_continue(capsys):
+    model = torch.nn.Linear(3, 2)
+    optimizer = utils.make_optimizer(model, 1e-3, torch.device("cpu"))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    order = torch.Generator().manual_seed(5)
+    checkpoint = {"optimizer": optimizer.state_dict(), "device": "cuda:0", "rng": {"shuffle": torch.ones(3)}}
+    training.restore_training_state(checkpoint, "ck/vae.pt", optimizer, {"shuffle": order}, torch.device("cpu"))
+    printed = capsys.readouterr().out
+    assert printed.startswith("note: ck/vae.pt trained on cuda; on cpu its batch order and its draws start again")
+    assert torch.equal(order.get_state(), torch.Generator().manual_seed(5).get_state())  # from its seed
+
+
+def test_a_gpu_that_lacks_an_operation_is_one_line_naming_it_and_the_way_out(monkeypatch):
+    args = main.parse_args(["--epochs", "1"])
+    monkeypatch.setattr(utils, "pick_device", lambda name: torch.device("mps"))
+    phases = utils.Phases()
+    with pytest.raises(utils.ProjectError, match=r"^the mps device failed while scoring samples \(The operator "
+                                                 r"'aten::linalg_eigh' is not .*\); run with --device cpu$"):
+        with run_folders.one_line_errors(args, phases), phases("scoring samples"):
+            raise NotImplementedError("The operator 'aten::linalg_eigh' is not currently implemented for the MPS "
+                                      "device.")
+    with pytest.raises(ValueError):  # the program's own errors stay what they are
+        with run_folders.one_line_errors(args, phases):
+            raise ValueError("a bug")
