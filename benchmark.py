@@ -45,14 +45,14 @@ PROJECT, TUTORIAL, FLOOR = ("(a) this project", "(b) tutorial DataLoader + ToTen
 SIDE_BY_SIDE = "(a) side by side, as main.py trains"
 
 
-def project_epoch(kind, train_images, batch_size, device, precision, bar_position=None, *,
+def project_epoch(kind, train, batch_size, device, precision, bar_position=None, *,
                   arch="mlp", hidden_dim=400, perceptual_weight=0.0, adversarial_weight=0.0):
     model = build_model(ModelConfig(kind=kind, arch=arch, hidden_dim=hidden_dim)).to(device)
     optimizer = utils.make_optimizer(model, 1e-3, device)
     objective, discriminator_step = with_extra_terms(model, perceptual_weight, adversarial_weight,
                                                      device)
     order, draws = (torch.Generator(device).manual_seed(0) for _ in range(2))
-    return lambda: main.train_epoch(objective, optimizer, train_images, batch_size=batch_size,
+    return lambda: main.train_epoch(objective, optimizer, *train, batch_size=batch_size,
                                     order=order, draws=draws, precision=precision,
                                     description=f"(a) {kind}", bar_position=bar_position,
                                     discriminator_step=discriminator_step)
@@ -70,9 +70,9 @@ def with_extra_terms(model, perceptual_weight, adversarial_weight, device):
     return objective, discriminator_step
 
 
-def side_by_side_epoch(kinds, train_images, batch_size, device, precision, **shape):
+def side_by_side_epoch(kinds, train, batch_size, device, precision, **shape):
     """(a) for all `kinds` at once, each model in a thread, as main.train_models trains them."""
-    epochs = {kind: project_epoch(kind, train_images, batch_size, device, precision, position,
+    epochs = {kind: project_epoch(kind, train, batch_size, device, precision, position,
                                   **shape)
               for position, kind in enumerate(kinds)}
     return lambda: utils.side_by_side(epochs, device=device)
@@ -198,15 +198,15 @@ def timed(run, device):
     return time.perf_counter() - start
 
 
-def methods_to_time(args, train_images, root, device):
+def methods_to_time(args, train, root, device):
     """{(models, method): one epoch}, for each model and, on a CPU or a GPU, for both side by
     side."""
-    steps = -(-len(train_images) // args.batch_size)
+    steps = -(-len(train[0]) // args.batch_size)
     methods, shape = {}, {"arch": args.arch, "hidden_dim": args.hidden_dim,
                           "perceptual_weight": args.perceptual_weight,
                           "adversarial_weight": args.adversarial_weight}
     for kind in args.models:
-        methods[kind, PROJECT] = project_epoch(kind, train_images, args.batch_size, device,
+        methods[kind, PROJECT] = project_epoch(kind, train, args.batch_size, device,
                                                args.precision, **shape)
         if args.arch != "mlp" or args.perceptual_weight > 0 or args.adversarial_weight > 0:
             continue  # the tutorial and the floor are the plain MLP's
@@ -215,7 +215,7 @@ def methods_to_time(args, train_images, root, device):
         methods[kind, FLOOR] = floor_epoch(kind, steps, args.batch_size, device, args.precision)
     if device.type in ("cpu", "cuda") and len(args.models) > 1:
         methods["+".join(args.models), SIDE_BY_SIDE] = side_by_side_epoch(
-            args.models, train_images, args.batch_size, device, args.precision, **shape)
+            args.models, train, args.batch_size, device, args.precision, **shape)
     return methods
 
 
@@ -295,20 +295,21 @@ def main_benchmark(argv=None):
         utils.use_device(device)
         if args.precision == "bf16":
             utils.check_bf16(device)
-        train_images = utils.to_model_input(utils.load_dataset(args.data_dir)["train"][0], device)
+        images, labels = utils.load_dataset(args.data_dir)["train"]
+        train = utils.to_model_input(images, device), labels.to(device)
     except utils.ProjectError as error:
         raise SystemExit(f"error: {error}")
-    steps = -(-len(train_images) // args.batch_size)
+    steps = -(-len(images) // args.batch_size)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, --arch {args.arch} --hidden-dim "
           f"{args.hidden_dim} --perceptual-weight {args.perceptual_weight:g} --adversarial-weight "
           f"{args.adversarial_weight:g}, {args.precision} (a) and (c), "
           f"batch {args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
     with tempfile.TemporaryDirectory() as folder:
-        methods = methods_to_time(args, train_images, stage_for_torchvision(args.data_dir, folder),
+        methods = methods_to_time(args, train, stage_for_torchvision(args.data_dir, folder),
                                   device)
         median, memory = time_methods(methods, args.repeats, device)
-    print_table(median, memory, args.models, len(train_images), steps)
+    print_table(median, memory, args.models, len(images), steps)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import run_folders
 import training
 import utils
 from checkpoint_files import MODEL_FLAGS
-from models import ARCHITECTURES, MODEL_NAMES, ModelConfig, build_model
+from models import ARCHITECTURES, CONDITIONS, MODEL_NAMES, ModelConfig, build_model
 
 IMPORT_SECONDS = time.perf_counter() - STARTED
 EVOLUTION_IMAGES = 1000  # test images whose codes each epoch keeps, for latent_evolution.gif
@@ -111,6 +111,10 @@ def add_model_flags(group):
                             "residual blocks, --hidden-dim the linear layer to and from the code")
     group.add_argument("--beta", type=number(float, 0, above=True), default=1.0,
                        help="weight of the KL term in the VAE's training loss (1: the ELBO)")
+    group.add_argument("--condition", choices=CONDITIONS, default="none",
+                       help="label: a conditional VAE and AE, whose encoder sees the image and its "
+                            "label and whose decoder the code and the label (one-hot, beside "
+                            "them): ask either for the digit of your choice")
 
 
 def add_training_flags(group):
@@ -168,6 +172,9 @@ def add_output_flags(group):
     group.add_argument("--models", nargs="+", choices=list(MODEL_NAMES),
                        help="which models to train (default: both) or evaluate (default: those "
                             "with a checkpoint)")
+    group.add_argument("--no-figures", dest="figures", action="store_false",
+                       help="write metrics.json, but no figure (a sweep's runs; --eval draws them "
+                            "later)")
     group.add_argument("--latent-study", nargs="+", type=number(int, 1), metavar="SIZE",
                        help="one run per latent size, in CHECKPOINT_DIR/latent-SIZE and "
                             "FIGURE_DIR/latent-SIZE, then latent_study.png and .json to compare")
@@ -180,7 +187,8 @@ def add_scoring_flags(group):
                             "from the checkpoints' are named in a note")
     group.add_argument("--slim", action="store_true",
                        help="with --eval: then rewrite each checkpoint with only what --eval "
-                            "reads (no optimizer states, no discriminator), to commit it; "
+                            "reads for the scores and the still figures (no optimizer states, "
+                            "no discriminator, no codes for latent_evolution.gif), to commit it; "
                             "--resume refuses a slimmed checkpoint")
     group.add_argument("--compare", action="store_true",
                        help="no training or scoring: draw FIGURE_DIR/comparison/comparison.png and "
@@ -360,6 +368,7 @@ def fit(trainee, args, data, stop, bar_position=None):
     one up to --epochs; return the trained model as a SavedModel."""
     name, flags = MODEL_NAMES[trainee.kind], trainee.flags
     train_targets = utils.binarized(data["train"][0], flags["binarize"], "train")
+    train_labels = data["train"][1].to(train_targets.device)
     test_targets = utils.binarized(data["test"][0], flags["binarize"], "test")
     if len(trainee.history) >= args.epochs:
         print(f"{name}: {trainee.path} already holds {utils.counted(len(trainee.history), 'epoch')}"
@@ -372,7 +381,8 @@ def fit(trainee, args, data, stop, bar_position=None):
         discriminator_step = discriminator_of_epoch(trainee, epoch)
         try:
             train_parts = train_epoch(
-                trainee.objective, trainee.optimizer, train_targets, batch_size=flags["batch_size"],
+                trainee.objective, trainee.optimizer, train_targets, train_labels,
+                batch_size=flags["batch_size"],
                 order=trainee.order, draws=trainee.draws, binarize=flags["binarize"],
                 kl_range=training.kl_weight_range(epoch, flags["kl_warmup"]), stop=stop,
                 precision=flags["precision"], description=f"{name} epoch {epoch}/{args.epochs}",
@@ -385,7 +395,7 @@ def fit(trainee, args, data, stop, bar_position=None):
         if train_parts is None:
             raise utils.Stopped(stop.signal_name)
         trainee.history.append(epoch_record(trainee.model, epoch, train_parts, test_targets,
-                                            data["test"][0], started))
+                                            data["test"], started))
         if discriminator_step is not None:
             trainee.history[-1]["discriminator_loss"] = discriminator_step.mean_loss()
         trainee.checkpoint = checkpoint_of(trainee, args.epochs, test_targets.device)
@@ -404,12 +414,12 @@ def discriminator_of_epoch(trainee, epoch):
     return trainee.discriminator_step if trainee.objective.adversarial_on else None
 
 
-def train_epoch(objective, optimizer, targets, *, batch_size, order, draws=None, binarize="none",
-                kl_range=(1.0, 1.0), precision="fp32", stop=None, description="",
+def train_epoch(objective, optimizer, targets, labels, *, batch_size, order, draws=None,
+                binarize="none", kl_range=(1.0, 1.0), precision="fp32", stop=None, description="",
                 bar_position=None, discriminator_step=None):
-    """One pass over the training `targets` (N, 784) in a random order: the textbook loop. Returns
-    the mean loss parts per image and their sum as "loss" (the VAE's negative ELBO, whatever KL
-    weight it trains with).
+    """One pass over the training `targets` (N, 784) and their `labels` (N,) in a random order:
+    the textbook loop. Returns the mean loss parts per image and their sum as "loss" (the VAE's
+    negative ELBO, whatever KL weight it trains with); an unconditional model ignores labels.
 
     objective: the model, or a TrainingObjective around it. binarize "dynamic" samples each pixel
     of each batch as a Bernoulli of its grey value. kl_range: the share of the KL weight at the
@@ -421,11 +431,12 @@ def train_epoch(objective, optimizer, targets, *, batch_size, order, draws=None,
     objective.train()
     losses = training.EpochLosses(len(targets), batch_size, description, bar_position)
     kl_weights = training.kl_weight_per_step(kl_range, losses.steps)
-    for batch, kl_weight in zip(training.shuffled_batches(targets, batch_size, order), kl_weights):
+    batches = training.shuffled_batches(targets, labels, batch_size, order)
+    for (batch, batch_labels), kl_weight in zip(batches, kl_weights):
         if binarize == "dynamic":
             batch = torch.bernoulli(batch, generator=draws)  # each pixel a fresh 0 or 1
         with training.autocast(precision, targets.device):
-            loss, parts = objective(batch, kl_weight=kl_weight, generator=draws)
+            loss, parts = objective(batch, batch_labels, kl_weight=kl_weight, generator=draws)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -437,14 +448,16 @@ def train_epoch(objective, optimizer, targets, *, batch_size, order, draws=None,
     return losses.means()
 
 
-def epoch_record(model, epoch, train_parts, test_targets, test_images, started):
+def epoch_record(model, epoch, train_parts, test_targets, test, started):
     """What the history keeps of an epoch: its losses, its seconds and, for the GIF, the codes
-    of the first test images. The test loss is the one the report gives for these weights."""
+    of the first test images. The test loss is the one the report gives for these weights.
+    test: the test images and labels."""
     utils.sync(test_targets.device)
+    (images, labels), first = test, slice(0, EVOLUTION_IMAGES)
     record = {"epoch": epoch, "train": train_parts, "train_seconds": time.perf_counter() - started,
-              "test": metrics.evaluate_loss(model, test_targets)}
+              "test": metrics.evaluate_loss(model, test_targets, labels)}
     if epoch <= 30 or epoch % 10 == 0:
-        record["codes"] = metrics.codes_of(model, test_images[:EVOLUTION_IMAGES]).half().cpu()
+        record["codes"] = metrics.codes_of(model, images[first], labels[first]).half().cpu()
     return {**record, "epoch_seconds": time.perf_counter() - started}
 
 

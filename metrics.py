@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import checkpoint_files
 import utils
-from models import (VAE, LatentGaussian, PerceptualNet, bernoulli_nll_per_image,
+from models import (NUM_CLASSES, VAE, LatentGaussian, PerceptualNet, bernoulli_nll_per_image,
                     fitted_covariance, kl_per_dimension, reparameterize)
 from utils import IMAGE_SIDE
 
@@ -48,6 +48,17 @@ METRICS_NOTES = (  # what each number in metrics.json means, written into it as 
     "and test_nll_iwae above stay the likelihood's (bce, kl) alone."
 )
 
+CONDITIONAL_NOTES = (  # added to the notes of a run with --condition label
+    " A conditional run (config condition 'label'): each model is given the test image's label "
+    "(losses, codes, reconstructions, the GIF's codes), so knn5_accuracy measures how much of the "
+    "class the code carries beside the label; samples are asked for labels drawn uniformly "
+    "(seed 1), and asked_for_share is the share the classifier calls the label asked for, over "
+    "all and per label; test_nll_iwae is -log p(x) = -log (1/10) sum_y p(x | y), each p(x | y) "
+    "an importance-weighted estimate with that many samples (the same noise for each label), "
+    "and test_nll_given_label_iwae is -log p(x | y) with the image's own label; interpolation "
+    "slides the label from one end's to the other's with the code."
+)
+
 LAPLACIAN = [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]
 
 
@@ -67,13 +78,15 @@ def sharpness(images, real_images):
 
 
 @torch.inference_mode()
-def evaluate_loss(model, images, *, seed=0, batch_size=2000):
+def evaluate_loss(model, images, labels=None, *, seed=0, batch_size=2000):
     """Mean loss parts per image (nats) over `images` (N, 784) and their sum as "loss": the VAE's
     negative ELBO with one z per image, drawn on the CPU from a generator seeded with `seed` (so
-    the same weights always score the same, on every device), the AE's BCE."""
+    the same weights always score the same, on every device), the AE's BCE. labels (N,): what a
+    conditional model is given."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    parts = [model(batch, generator=generator)[1] for batch in batches(images, batch_size)]
+    parts = [model(batch, batch_labels, generator=generator)[1]
+             for batch, batch_labels in batches_of(images, labels, batch_size)]
     values = torch.stack([torch.stack(list(part.values())) for part in parts]).tolist()  # one wait
     totals = {}
     for batch, part, row in zip(batches(images, batch_size), parts, values):
@@ -87,18 +100,28 @@ def batches(images, batch_size):
     return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
 
 
+def batches_of(images, labels, batch_size):
+    """(images, labels) `batch_size` rows at a time; labels on the images' device, or None."""
+    labels = None if labels is None else labels.to(images.device)
+    return ((images[start:start + batch_size],
+             None if labels is None else labels[start:start + batch_size])
+            for start in range(0, len(images), batch_size))
+
+
 @torch.inference_mode()
-def codes_of(model, images, batch_size=2000):
+def codes_of(model, images, labels=None, batch_size=2000):
     """(N, 784) -> the codes (N, D) model.encode gives: the VAE's are its posterior means."""
     model.eval()
-    return torch.cat([model.encode(batch) for batch in batches(images, batch_size)])
+    return torch.cat([model.encode(batch, batch_labels)
+                      for batch, batch_labels in batches_of(images, labels, batch_size)])
 
 
 @torch.inference_mode()
-def posteriors_of(vae, images, batch_size=2000):
+def posteriors_of(vae, images, labels=None, batch_size=2000):
     """(N, 784) -> the VAE's posterior q(z | x) of each image: mu and logvar, (N, D) each."""
     vae.eval()
-    means, logvars = zip(*(vae.posterior(batch) for batch in batches(images, batch_size)))
+    means, logvars = zip(*(vae.posterior(batch, batch_labels)
+                           for batch, batch_labels in batches_of(images, labels, batch_size)))
     return torch.cat(means), torch.cat(logvars)
 
 
@@ -108,22 +131,22 @@ def sample_codes(mu, logvar, seed=0):
 
 
 @torch.inference_mode()
-def decode_images(model, z):
+def decode_images(model, z, labels=None):
     """(N, latent_dim) -> (N, 1, 28, 28) images in [0, 1] (Bernoulli means)."""
     model.eval()
-    return torch.sigmoid(model.decode(z)).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    return torch.sigmoid(model.decode(z, labels)).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
 @torch.inference_mode()
-def reconstruction_errors(model, codes, images, targets, batch_size=2000):
+def reconstruction_errors(model, codes, images, targets, labels=None, batch_size=2000):
     """Decode `codes` (N, D) of `images` (N, 784) and compare: BCE against the model's targets
     (nats per image); MSE per pixel, PSNR (dB, peak 1) and SSIM against the grey images."""
     model.eval()
     scores = {"bce": [], "mse": [], "psnr": []}
     windows, decoded = [], []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        logits = model.decode(codes[start:start + batch_size])  # (B, 784)
+    for start, (batch, batch_labels) in zip(range(0, len(images), batch_size),
+                                             batches_of(images, labels, batch_size)):
+        logits = model.decode(codes[start:start + batch_size], batch_labels)  # (B, 784)
         reconstruction = torch.sigmoid(logits)  # Bernoulli means, in [0, 1]
         scores["bce"].append(bernoulli_nll_per_image(logits, targets[start:start + batch_size]))
         squared_error = (reconstruction - batch).pow(2).mean(dim=1)  # (B,)
@@ -169,44 +192,74 @@ def ssim_index(local):
 
 
 @torch.inference_mode()
-def iwae_nll(model, images, num_samples, *, seed=0, batch_size=10, chunk_size=100, progress=False,
-             per_call=None):
+def iwae_nll(model, images, num_samples, labels=None, *, seed=0, batch_size=10, chunk_size=100,
+             progress=False, per_call=None):
     """The importance-weighted estimate of -log p(x) per image (nats), mean over `images` (Burda
-    et al. 2015): -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x). An upper bound on the
-    NLL that tightens as K grows; K = 1 is the negative ELBO. The noise is drawn on the CPU,
-    `batch_size` images and `chunk_size` samples at a time, in the same order on every device;
-    a CPU decodes one such batch a call (1,000 rows stay in its caches: 2x faster than 5,000), a
-    GPU up to 100 at once; the weights are summed with a running logsumexp in float64 on the CPU,
-    one block of batches at a time, so memory stays bounded whatever K is. per_call: batches
-    decoded a call (None: by the device)."""
-    model.eval()
-    generator, total = torch.Generator().manual_seed(seed), 0.0
-    if per_call is None:
-        per_call = 1 if images.device.type == "cpu" else \
-            max(1, min(100, 2**24 // (batch_size * num_samples * model.latent_dim)))
-    with tqdm(total=math.ceil(len(images) / batch_size), desc=f"IWAE bound, {num_samples} "
-              "samples", leave=False, disable=None if progress else True) as bar:
-        for block in batches(images, batch_size * per_call):
-            sizes = [len(batch) for batch in batches(block, batch_size)]
-            eps = [[torch.randn(min(chunk_size, num_samples - drawn), size, model.latent_dim,
-                                generator=generator) for drawn in range(0, num_samples, chunk_size)]
-                   for size in sizes]  # [batch][chunk]: (count, B, D), as a batch at a time draws
-            log_weights = torch.cat([model.log_importance_weights(
-                block, len(chunk[0]), eps=torch.cat(chunk, dim=1)) for chunk in zip(*eps)]).cpu()
-            for first, size in zip(itertools.accumulate([0, *sizes]), sizes):  # (K, B) each
-                total += batch_iwae_sum(log_weights[:, first:first + size], num_samples, chunk_size)
-            bar.update(len(sizes))
+    et al. 2015): -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); a conditional model's
+    -log p(x | y), given the labels (N,). An upper bound on the NLL that tightens as K grows;
+    K = 1 is the negative ELBO. The noise is drawn on the CPU, `batch_size` images and
+    `chunk_size` samples at a time, in the same order on every device; a CPU decodes one such
+    batch a call (1,000 rows stay in its caches: 2x faster than 5,000), a GPU up to 100 at once
+    (per_call; None: by the device); the weights are summed with a running logsumexp in float64
+    on the CPU, one block of batches at a time, so memory stays bounded whatever K is."""
+    total, steps = 0.0, math.ceil(len(images) / batch_size)
+    with iwae_progress(steps, f"IWAE bound, {num_samples} samples", progress) as bar:
+        for log_mean in iwae_log_means(model, images, num_samples, labels, bar, seed=seed,
+                                       batch_size=batch_size, chunk_size=chunk_size,
+                                       per_call=per_call):
+            total += -log_mean.sum().item()
     return total / len(images)
 
 
-def batch_iwae_sum(log_weights, num_samples, chunk_size):
-    """The sum over a batch of -log (1/K) sum_k w_k from its log weights (K, B), in float64,
-    chunk by chunk with a running logsumexp."""
+@torch.inference_mode()
+def iwae_nll_over_labels(model, images, num_samples, *, seed=0, progress=False, per_call=None):
+    """A conditional model's -log p(x), mean over `images`: p(x) = (1/10) sum_y p(x | y), with
+    p(y) = 1/10 and each p(x | y) estimated as iwae_nll does, with `num_samples` samples and the
+    same noise for every label. Comparable with an unconditional VAE's bound."""
+    log_means, steps = [], NUM_CLASSES * math.ceil(len(images) / 10)  # iwae_log_means' batch: 10
+    with iwae_progress(steps, f"IWAE bound, {num_samples} samples a label", progress) as bar:
+        for label in range(NUM_CLASSES):
+            labels = torch.full((len(images),), label)
+            log_means.append(torch.cat(list(iwae_log_means(
+                model, images, num_samples, labels, bar, seed=seed, per_call=per_call))))
+    log_p = torch.logsumexp(torch.stack(log_means), dim=0) - math.log(NUM_CLASSES)  # (N,)
+    return -log_p.mean().item()
+
+
+def iwae_progress(steps, description, shown):
+    """The IWAE bound's progress bar, a step a batch (in terminals, where `shown`)."""
+    return tqdm(total=steps, desc=description, leave=False, disable=None if shown else True)
+
+
+def iwae_log_means(model, images, num_samples, labels, bar, *, seed, batch_size=10,
+                   chunk_size=100, per_call=None):
+    """Each batch's log (1/K) sum_k w_k per image (B,), float64 on the CPU, batch after batch."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    if per_call is None:
+        per_call = 1 if images.device.type == "cpu" else \
+            max(1, min(100, 2**24 // (batch_size * num_samples * model.latent_dim)))
+    for block, block_labels in batches_of(images, labels, batch_size * per_call):
+        sizes = [len(batch) for batch in batches(block, batch_size)]
+        eps = [[torch.randn(min(chunk_size, num_samples - drawn), size, model.latent_dim,
+                            generator=generator) for drawn in range(0, num_samples, chunk_size)]
+               for size in sizes]  # [batch][chunk]: (count, B, D), as a batch at a time draws
+        log_weights = torch.cat([model.log_importance_weights(
+            block, len(chunk[0]), labels=block_labels, eps=torch.cat(chunk, dim=1))
+            for chunk in zip(*eps)]).cpu()  # (K, block)
+        for first, size in zip(itertools.accumulate([0, *sizes]), sizes):
+            yield batch_log_mean(log_weights[:, first:first + size], num_samples, chunk_size)
+        bar.update(len(sizes))
+
+
+def batch_log_mean(log_weights, num_samples, chunk_size):
+    """log (1/K) sum_k w_k per image (B,) from a batch's log weights (K, B), in float64, chunk by
+    chunk with a running logsumexp."""
     log_sum = torch.full((log_weights.shape[1],), -math.inf, dtype=torch.float64)
     for drawn in range(0, num_samples, chunk_size):
         chunk = log_weights[drawn:drawn + chunk_size].cpu().contiguous().double()  # (count, B)
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(chunk, dim=0))
-    return -(log_sum - math.log(num_samples)).sum().item()
+    return log_sum - math.log(num_samples)
 
 
 def posterior_statistics(mu, logvar):
@@ -394,21 +447,23 @@ def perceptual_network(dataset, data, phases):
 
 def score_model(model, binarize, data, phases):
     """One model's losses, reconstructions and latent statistics, on the targets its --binarize
-    asks for; returns them with its test codes (VAE: posterior means), which the figures reuse."""
-    (train_images, _), (test_images, test_labels) = data["train"], data["test"]
+    asks for; returns them with its test codes (VAE: posterior means), which the figures reuse.
+    A conditional model is given each image's label."""
+    (train_images, train_labels), (test_images, test_labels) = data["train"], data["test"]
     test_targets = utils.binarized(test_images, binarize, "test")
     with phases("scoring the losses"):
         # the training set is scored on one fixed binarization when training resampled it
         train_targets = utils.binarized(train_images, "static" if binarize == "dynamic"
                                         else binarize, "train")
-        scores = {"test": evaluate_loss(model, test_targets),
-                  "train": evaluate_loss(model, train_targets)}
+        scores = {"test": evaluate_loss(model, test_targets, test_labels),
+                  "train": evaluate_loss(model, train_targets, train_labels)}
     with phases("scoring codes and reconstructions"):
         if isinstance(model, VAE):  # its codes: the posterior means
-            codes, logvar = posteriors_of(model, test_images)  # (N, D) each
+            codes, logvar = posteriors_of(model, test_images, test_labels)  # (N, D) each
         else:
-            codes, logvar = codes_of(model, test_images), None
-        scores["reconstruction"] = reconstruction_errors(model, codes, test_images, test_targets)
+            codes, logvar = codes_of(model, test_images, test_labels), None
+        scores["reconstruction"] = reconstruction_errors(model, codes, test_images, test_targets,
+                                                         test_labels)
         aggregate = codes if logvar is None else sample_codes(codes, logvar)  # z ~ q(z|x)
         scores["latent"] = {"knn5_accuracy": knn_accuracy(codes, test_labels),
                             "aggregate_codes": code_statistics(aggregate)}
@@ -417,13 +472,14 @@ def score_model(model, binarize, data, phases):
     return scores, codes
 
 
-def make_samplers(models, train_images):
+def make_samplers(models, train):
     """{label: (model, models.LatentGaussian)}: each model decodes z ~ N(0, I), the VAE's prior;
-    the AE also decodes z from a Gaussian fitted to its own training codes, its fair chance."""
+    the AE also decodes z from a Gaussian fitted to its own training codes, its fair chance.
+    train: the training images and labels."""
     samplers = {f"{name}, z ~ N(0, I)": (model, LatentGaussian.standard(model.latent_dim))
                 for name, model in models.items()}
     if "AE" in models:
-        codes = codes_of(models["AE"], train_images)
+        codes = codes_of(models["AE"], *train)
         require_finite(codes, "the AE's codes of the training set")
         fitted = LatentGaussian.fitted(codes)
         samplers["AE, z ~ Gaussian fitted to its training codes"] = (models["AE"], fitted)
@@ -432,8 +488,15 @@ def make_samplers(models, train_images):
 
 def draw_samples(model, prior, count, seed=0):
     """`count` images (count, 784) that `model` generates from `prior`, drawn from `seed`: the
-    same draws for every model of a latent size, on every device."""
-    return model.sample(count, prior=prior, generator=torch.Generator().manual_seed(seed))
+    same draws for every model of a latent size, on every device; a conditional model is asked
+    for asked_labels(count)."""
+    return model.sample(count, asked_labels(count) if model.label_dim else None, prior=prior,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+def asked_labels(count, seed=1):
+    """The labels a conditional model's samples are asked for: (count,), drawn uniformly."""
+    return torch.randint(NUM_CLASSES, (count,), generator=torch.Generator().manual_seed(seed))
 
 
 def require_finite(values, what, where=""):
@@ -453,7 +516,18 @@ def score_samples(samplers, classifier, test_images, reference, count):
         require_finite(samples, f"the samples of {label}")
         scores[label] = {**sample_quality(classifier, samples, reference),
                          "sharpness": sharpness(samples, real_energy)}
+        if model.label_dim:
+            scores[label].update(asked_for_shares(classifier, samples, asked_labels(count)))
     return scores
+
+
+def asked_for_shares(classifier, samples, asked):
+    """A conditional model's samples (N, 784), each asked for a label (N,): the share the
+    classifier calls the label asked for, over all and per label."""
+    predicted = classify(classifier, samples)[1].argmax(dim=1).cpu()  # (N,)
+    hits = (predicted == asked).cpu().double()
+    return {"asked_for_share": hits.mean().item(), "asked_for_share_per_label": {
+        str(label): hits[asked == label].mean().item() for label in range(NUM_CLASSES)}}
 
 
 def interpolation_pairs(labels, count=1000, seed=0):
@@ -470,18 +544,25 @@ def interpolation_quality(model, codes, labels, classifier, reference_features, 
     the share of in-between frames classified with confidence > 0.9), evenness (each path's
     largest step in pixel space over its length, minus 1/(steps - 1): 0 for an even walk) and
     the share of paths between digits of two classes whose predicted class changes more than
-    once. Means with their standard errors; the Frechet distance with a bootstrap's."""
+    once. Means with their standard errors; the Frechet distance with a bootstrap's. A
+    conditional model's label slides from one end's to the other's with the code."""
     ends = codes[pairs.to(codes.device)]  # (P, 2, D)
     t = torch.linspace(0, 1, steps, device=codes.device)[None, :, None]  # (1, steps, 1)
-    path = (1 - t) * ends[:, :1] + t * ends[:, 1:]  # (P, steps, D)
-    frames = decode_images(model, path.flatten(0, 1)).flatten(1).reshape(len(pairs), steps, -1)
+    path = lerp(ends[:, :1], ends[:, 1:], t)  # (P, steps, D)
+    path_labels = midpoint_labels = None
+    if getattr(model, "label_dim", 0):
+        end_labels = F.one_hot(labels[pairs], NUM_CLASSES).float().to(codes.device)  # (P, 2, 10)
+        path_labels = lerp(end_labels[:, :1], end_labels[:, 1:], t).flatten(0, 1)
+        midpoint_labels = end_labels.mean(dim=1)
+    frames = decode_images(model, path.flatten(0, 1), path_labels).flatten(1) \
+        .reshape(len(pairs), steps, -1)
     step_sizes = (frames[:, 1:] - frames[:, :-1]).norm(dim=2)  # (P, steps - 1)
     evenness = step_sizes.max(dim=1).values / step_sizes.sum(dim=1).clamp(min=1e-12)
     _, probabilities = classify(classifier, frames.flatten(0, 1))
     confidence, predicted = probabilities.reshape(len(pairs), steps, -1).max(dim=2)
     changes = (predicted[:, 1:] != predicted[:, :-1]).sum(dim=1)  # (P,)
     two_classes = labels[pairs[:, 0]] != labels[pairs[:, 1]]
-    midpoints = decode_images(model, ends.mean(dim=1)).flatten(1)
+    midpoints = decode_images(model, ends.mean(dim=1), midpoint_labels).flatten(1)
     features, _ = classify(classifier, midpoints)
     return {
         "pairs": len(pairs), "steps": steps,
@@ -491,6 +572,11 @@ def interpolation_quality(model, codes, labels, classifier, reference_features, 
         "class_changes_more_than_once": mean_and_error(
             (changes[two_classes.to(changes.device)] > 1).float()),
     }
+
+
+def lerp(start, end, t):
+    """The straight path (1 - t) start + t end, at t."""
+    return (1 - t) * start + t * end
 
 
 def mean_and_error(values):

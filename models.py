@@ -5,7 +5,9 @@ Both autoencoders share one encoder/decoder shape (an MLP, a small convnet with 
 residual blocks with attention with --arch resnet) and compute their own loss, so that main.py's
 training loop treats them alike: `loss, parts = model(x)`.
 Images are flattened to 784 pixels in [0, 1]. Read the AE, then the VAE: what it adds is
-`posterior`, `reparameterize`, the KL term and `log_importance_weights`. After them, the extra
+`posterior`, `reparameterize`, the KL term and `log_importance_weights`. With condition "label"
+(--condition label) both are conditional: the encoder sees the image and its label, the decoder
+the code and the label, each as a one-hot vector beside its input. After them, the extra
 training terms that make decodes sharper (TrainingObjective): a perceptual distance in a small
 frozen CNN's features (PerceptualNet) and a PatchGAN discriminator's hinge loss (Discriminator).
 """
@@ -16,6 +18,8 @@ from torch import nn
 
 MODEL_NAMES = {"vae": "VAE", "ae": "AE"}  # a model's kind (its checkpoint's file name) and its name
 ARCHITECTURES = ["mlp", "conv", "resnet"]
+CONDITIONS = ["none", "label"]
+NUM_CLASSES = 10  # the labels of MNIST and Fashion-MNIST
 
 
 @dataclass
@@ -28,62 +32,79 @@ class ModelConfig:
     arch: str = "mlp"  # "mlp", "conv" or "resnet" (there hidden_dim: the linear layer to/from z)
     hidden_layers: int = 1  # MLP hidden layers in the encoder and in the decoder
     beta: float = 1.0  # weight of the KL term in the VAE's training loss (1: the ELBO)
+    condition: str = "none"  # "label": encoder and decoder also see the image's label
 
 
 class Autoencoder(nn.Module):
     """A deterministic AE: x -> z = encoder(x) -> decoder(z) = pixel logits. Its loss: the
-    Bernoulli NLL of x."""
+    Bernoulli NLL of x. labels, where a method takes them: the images' classes (B,) or one class
+    for all, or (B, 10) mixes of one-hot labels; an unconditional model ignores them."""
 
     def __init__(self, *, latent_dim=20, hidden_dim=400, image_dim=784, arch="mlp",
-                 hidden_layers=1, beta=1.0):
+                 hidden_layers=1, beta=1.0, condition="none"):
         super().__init__()
         self.latent_dim, self.beta = latent_dim, beta
-        outputs = self.encoder_outputs(latent_dim)
+        self.label_dim = NUM_CLASSES if condition == "label" else 0  # one-hot columns it takes
+        outputs, labels = self.encoder_outputs(latent_dim), self.label_dim
         if arch in ("conv", "resnet"):
             assert image_dim == 784, f"the {arch} architecture is built for 28x28 images"
             encoder, decoder = (conv_encoder, conv_decoder) if arch == "conv" else \
                 (resnet_encoder, resnet_decoder)
-            self.encoder = encoder(hidden_dim, outputs)
-            self.decoder = decoder(latent_dim, hidden_dim)
+            self.encoder = encoder(hidden_dim, outputs, labels)
+            self.decoder = decoder(latent_dim, hidden_dim, labels)
         else:
-            self.encoder = mlp(image_dim, hidden_dim, outputs, hidden_layers)
-            self.decoder = mlp(latent_dim, hidden_dim, image_dim, hidden_layers)
+            self.encoder = mlp(image_dim + labels, hidden_dim, outputs, hidden_layers)  # [x, y]
+            self.decoder = mlp(latent_dim + labels, hidden_dim, image_dim, hidden_layers)  # [z, y]
 
     @staticmethod
     def encoder_outputs(latent_dim):
         return latent_dim
 
-    def encode(self, x):
+    def with_label(self, x, labels):
+        """(B, F) -> [x, one_hot(y)] (B, F + 10) for a conditional model; x itself otherwise."""
+        if not self.label_dim:
+            return x
+        if labels is None:
+            raise ValueError("this model is conditional: give it labels (a class, or one each)")
+        return torch.cat([x, label_vectors(labels, len(x), self.label_dim, x)], dim=1)
+
+    def encode(self, x, labels=None):
         """(B, 784) -> (B, latent_dim) code; for the VAE, the posterior mean."""
-        return self.encoder(x)
+        return self.encoder(self.with_label(x, labels))
 
-    def decode(self, z):
+    def decode(self, z, labels=None):
         """(B, latent_dim) -> (B, 784) pixel logits; sigmoid gives the image."""
-        return self.decoder(z)
+        return self.decoder(self.with_label(z, labels))
 
-    def forward(self, x, kl_weight=1.0, generator=None):
+    def forward(self, x, labels=None, kl_weight=1.0, generator=None):
         """x: (B, 784) -> (loss, parts): the loss per image in nats, averaged over the batch.
         kl_weight and generator (the VAE's torch.Generator for z) are accepted so that the training
         loop treats both models alike: the AE has no KL term and draws nothing."""
-        return self.terms(x, kl_weight, generator)[:2]
+        return self.terms(x, labels, kl_weight, generator)[:2]
 
-    def terms(self, x, kl_weight=1.0, generator=None):
+    def terms(self, x, labels=None, kl_weight=1.0, generator=None):
         """forward's (loss, parts) and the decoded pixel logits (B, 784) they came from."""
-        logits = self.decode(self.encode(x))
+        logits = self.decode(self.encode(x, labels), labels)
         reconstruction = bernoulli_nll(logits, x)
         return reconstruction, {"bce": reconstruction.detach()}, logits
 
     @torch.inference_mode()
-    def sample(self, count, *, prior=None, generator=None):
+    def sample(self, count, labels=None, *, prior=None, generator=None):
         """Generate: decode `count` codes drawn from `prior` (a LatentGaussian; by default
-        N(0, I), the VAE's prior) into images (count, 784) in [0, 1], the Bernoulli means. The VAE
-        was trained so that N(0, I) covers its codes; the AE was not, and most of its draws land
-        where its decoder has never been. generator: a CPU torch.Generator, for the same draws on
-        every device."""
+        N(0, I), the VAE's prior) into images (count, 784) in [0, 1], the Bernoulli means; a
+        conditional model as the `labels` asked for. The VAE was trained so that N(0, I) covers
+        its codes; the AE was not, and most of its draws land where its decoder has never been.
+        generator: a CPU torch.Generator, for the same draws on every device."""
         self.eval()
         prior = prior or LatentGaussian.standard(self.latent_dim)
         z = prior.draw(count, generator).to(next(self.parameters()).device)  # (count, D)
-        return torch.sigmoid(self.decode(z))
+        return torch.sigmoid(self.decode(z, labels))
+
+    @torch.inference_mode()
+    def reconstruct(self, x, labels=None):
+        """Encode images (B, 784), then decode their codes: (B, 784) in [0, 1]."""
+        self.eval()
+        return torch.sigmoid(self.decode(self.encode(x, labels), labels))
 
 
 class VAE(Autoencoder):
@@ -94,39 +115,43 @@ class VAE(Autoencoder):
     def encoder_outputs(latent_dim):
         return 2 * latent_dim  # mu and log sigma^2
 
-    def posterior(self, x):
+    def posterior(self, x, labels=None):
         """(B, 784) -> mu, logvar, each (B, latent_dim), in fp32 (the encoder may run in bf16)."""
-        mu, logvar = self.encoder(x).float().chunk(2, dim=1)
+        mu, logvar = self.encoder(self.with_label(x, labels)).float().chunk(2, dim=1)
         return mu, logvar
 
-    def encode(self, x):
-        return self.posterior(x)[0]
+    def encode(self, x, labels=None):
+        return self.posterior(x, labels)[0]
 
-    def terms(self, x, kl_weight=1.0, generator=None):
+    def terms(self, x, labels=None, kl_weight=1.0, generator=None):
         """kl_weight in [0, 1] scales the KL weight beta during a warm-up; the parts are always
         unweighted, so bce + kl is the negative ELBO. generator: the torch.Generator that draws
         z."""
-        mu, logvar = self.posterior(x)
+        mu, logvar = self.posterior(x, labels)
         z = reparameterize(mu, logvar, generator)  # sampled in eval mode too: the sampled test ELBO
-        logits = self.decode(z)
+        logits = self.decode(z, labels)
         reconstruction = bernoulli_nll(logits, x)
         kl = kl_to_standard_normal(mu, logvar)
         loss = reconstruction + (kl_weight * self.beta) * kl
         return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}, logits
 
-    def log_importance_weights(self, x, num_samples, generator=None, *, eps=None):
-        """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B).
+    def log_importance_weights(self, x, num_samples, generator=None, *, labels=None, eps=None):
+        """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B); a
+        conditional model's given the labels: log p(x, z_k | y) - log q(z_k | x, y).
 
         The IWAE bound log (1/K) sum_k w_k is a lower bound on log p(x) that tightens as K grows
         (Burda et al. 2015); K = 1 gives the ELBO. The constants log(2 pi) of p(z) and q(z|x)
         cancel. generator: the torch.Generator that draws the z_k (None: torch's global one); or
         pass the draws `eps` (K, B, D) themselves.
         """
-        mu, logvar = self.posterior(x)  # (B, D) each
+        mu, logvar = self.posterior(x, labels)  # (B, D) each
         eps = standard_normal((num_samples, *mu.shape), generator, mu) if eps is None \
             else eps.to(mu.device)  # (K, B, D)
         z = reparameterize(mu, logvar, eps=eps)  # (K, B, D)
-        logits = self.decode(z.reshape(-1, self.latent_dim)).reshape(num_samples, len(x), -1)
+        repeated = None if labels is None else label_vectors(labels, len(x), NUM_CLASSES, mu) \
+            .repeat(num_samples, 1)  # (K * B, 10): each z_k with its image's label
+        logits = self.decode(z.reshape(-1, self.latent_dim), repeated).reshape(num_samples, len(x),
+                                                                                -1)
         log_likelihood = -bernoulli_nll_per_image(logits, x)  # log p(x | z): (K, B)
         log_prior = -0.5 * z.pow(2).sum(dim=2)  # log p(z) + const
         log_posterior = -0.5 * (eps.pow(2) + logvar).sum(dim=2)  # log q(z | x) + the same const
@@ -141,6 +166,15 @@ def reparameterize(mu, logvar, generator=None, *, eps=None):
     if eps is None:
         eps = standard_normal(mu.shape, generator, mu)
     return mu + torch.exp(0.5 * logvar) * eps
+
+
+def label_vectors(labels, count, num_classes, like):
+    """The labels as (count, num_classes) vectors in the dtype and on the device of `like`: one-hot
+    rows from classes (count,) or one class for all; or mixes of one-hot rows as they are."""
+    labels = torch.as_tensor(labels, device=like.device)
+    if labels.is_floating_point():
+        return labels.to(like.dtype).expand(count, num_classes)
+    return nn.functional.one_hot(labels.long().expand(count), num_classes).to(like.dtype)
 
 
 def standard_normal(shape, generator, like):
@@ -206,7 +240,8 @@ MODEL_CLASSES = {"vae": VAE, "ae": Autoencoder}
 def build_model(config):
     return MODEL_CLASSES[config.kind](
         latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, image_dim=config.image_dim,
-        arch=config.arch, hidden_layers=config.hidden_layers, beta=config.beta)
+        arch=config.arch, hidden_layers=config.hidden_layers, beta=config.beta,
+        condition=config.condition)
 
 
 # ------------------------------------------------- extra training terms: perceptual, adversarial
@@ -310,8 +345,8 @@ class TrainingObjective(nn.Module):
                                                                         nn.ConvTranspose2d))]
         self.last_layer = layers[-1].weight  # where the adaptive weight compares gradients
 
-    def forward(self, x, kl_weight=1.0, generator=None):
-        loss, parts, logits = self.model.terms(x, kl_weight, generator)
+    def forward(self, x, labels=None, kl_weight=1.0, generator=None):
+        loss, parts, logits = self.model.terms(x, labels, kl_weight, generator)
         decoded = torch.sigmoid(logits.float())  # (B, 784) in [0, 1]
         self.decoded = decoded.detach()
         if self.perceptual_weight > 0:
@@ -338,40 +373,84 @@ def mlp(in_dim, hidden_dim, out_dim, hidden_layers=1):
     return nn.Sequential(*layers, nn.Linear(width, out_dim))
 
 
-def conv_encoder(hidden_dim, out_dim):
-    """(B, 784) -> (B, out_dim): two stride-2 convolutions (28 -> 14 -> 7), then an MLP."""
+def conv_encoder(hidden_dim, out_dim, labels=0):
+    """(B, 784 [+ labels]) -> (B, out_dim): two stride-2 convolutions (28 -> 14 -> 7), then an
+    MLP; a conditional one sees the label as `labels` more input planes."""
     return nn.Sequential(
-        nn.Unflatten(1, (1, 28, 28)),
-        nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
+        image_planes(labels),  # (B, 1 + labels, 28, 28)
+        nn.Conv2d(1 + labels, 32, 4, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
         nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),  # (B, 64, 7, 7)
         nn.Flatten(), mlp(64 * 7 * 7, hidden_dim, out_dim),
     )
 
 
-def conv_decoder(latent_dim, hidden_dim):
-    """(B, latent_dim) -> (B, 784) logits: the mirror image of conv_encoder."""
+def conv_decoder(latent_dim, hidden_dim, labels=0):
+    """(B, latent_dim [+ labels]) -> (B, 784) logits: the mirror image of conv_encoder."""
     return nn.Sequential(
-        mlp(latent_dim, hidden_dim, 64 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
+        mlp(latent_dim + labels, hidden_dim, 64 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
         nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
         nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
         nn.Flatten(),
     )
 
 
+def image_planes(labels):
+    """A convnet's input: (B, 784) -> (B, 1, 28, 28); or with `labels` one-hot columns after the
+    pixels, (B, 784 + labels) -> (B, 1 + labels, 28, 28), a plane per class, ones on the label's."""
+    return LabelPlanes(labels) if labels else nn.Unflatten(1, (1, 28, 28))
+
+
+class LabelPlanes(nn.Module):
+    def __init__(self, labels):
+        super().__init__()
+        self.labels = labels
+
+    def forward(self, x):
+        image, label = x[:, :-self.labels], x[:, -self.labels:]
+        planes = label[:, :, None, None].expand(-1, -1, 28, 28)  # (B, labels, 28, 28)
+        return torch.cat([image.reshape(-1, 1, 28, 28), planes], dim=1)
+
+
 RESNET_CHANNELS = (16, 24)  # the resnet's channels at 14x14 and at 7x7: an epoch in ~30 s on 2 cores
 
 
 class ResBlock(nn.Module):
-    """x + conv(SiLU(GroupNorm(conv(SiLU(GroupNorm(x)))))): (B, C, H, W) -> (B, C, H, W)."""
+    """x + conv(SiLU(GroupNorm(conv(SiLU(GroupNorm(x)))))): (B, C, H, W) -> (B, C, H, W). With
+    `labels`, the second GroupNorm's output is scaled and shifted per class (FiLM): a label
+    reaches every position and channel, as a one-hot input alone reaches them only through the
+    first layer."""
 
-    def __init__(self, *, channels):
+    def __init__(self, *, channels, labels=0):
         super().__init__()
         self.body = nn.Sequential(
             nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
             nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+        if labels:
+            self.label_scale_shift = nn.Linear(labels, 2 * channels)
+            nn.init.zeros_(self.label_scale_shift.weight)  # it starts as the plain block
+            nn.init.zeros_(self.label_scale_shift.bias)
+
+    def forward(self, x, label=None):
+        if label is None:
+            return x + self.body(x)
+        h = self.body[:4](x)  # GroupNorm, SiLU, conv, GroupNorm: (B, C, H, W)
+        scale, shift = self.label_scale_shift(label)[:, :, None, None].chunk(2, dim=1)
+        return x + self.body[4:](h * (1 + scale) + shift)
+
+
+class LabelledSequential(nn.Sequential):
+    """nn.Sequential fed [x, one-hot label] (B, F + labels): the first layer takes all of it,
+    each residual block the label too, for its per-class scale and shift."""
+
+    def __init__(self, *layers, labels):
+        super().__init__(*layers)
+        self.labels = labels
 
     def forward(self, x):
-        return x + self.body(x)
+        label = x[:, -self.labels:]
+        for layer in self:
+            x = layer(x, label) if isinstance(layer, ResBlock) else layer(x)
+        return x
 
 
 class SelfAttention(nn.Module):
@@ -390,38 +469,41 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(1, 2).reshape(b, c, h, w))
 
 
-def resnet_middle(channels):
+def resnet_middle(channels, labels=0):
     """The middle block at 7x7: a residual block, attention over the 49 positions, another."""
-    return [ResBlock(channels=channels), SelfAttention(channels=channels),
-            ResBlock(channels=channels)]
+    return [ResBlock(channels=channels, labels=labels), SelfAttention(channels=channels),
+            ResBlock(channels=channels, labels=labels)]
 
 
-def resnet_encoder(hidden_dim, out_dim):
-    """(B, 784) -> (B, out_dim): down blocks 28 -> 14 -> 7 (a stride-2 convolution, then a
-    residual block at 14x14; at 7x7 the middle block's), the middle block, then a linear layer
-    of hidden_dim units."""
+def resnet_encoder(hidden_dim, out_dim, labels=0):
+    """(B, 784 [+ labels]) -> (B, out_dim): down blocks 28 -> 14 -> 7 (a stride-2 convolution,
+    then a residual block at 14x14; at 7x7 the middle block's), the middle block, then a linear
+    layer of hidden_dim units; a conditional one sees the label as `labels` more input planes."""
     c1, c2 = RESNET_CHANNELS
     return nn.Sequential(
-        nn.Unflatten(1, (1, 28, 28)),
-        nn.Conv2d(1, c1, 4, stride=2, padding=1), ResBlock(channels=c1),  # (B, c1, 14, 14)
+        image_planes(labels),  # (B, 1 + labels, 28, 28)
+        nn.Conv2d(1 + labels, c1, 4, stride=2, padding=1), ResBlock(channels=c1),  # (B, c1, 14, 14)
         nn.Conv2d(c1, c2, 4, stride=2, padding=1),  # (B, c2, 7, 7)
         *resnet_middle(c2), nn.GroupNorm(8, c2), nn.SiLU(),
         nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim),
     )
 
 
-def resnet_decoder(latent_dim, hidden_dim):
-    """(B, latent_dim) -> (B, 784) logits: the mirror image of resnet_encoder. Nothing reaches it
-    from the encoder but z (no U-Net skips), so that it decodes z ~ N(0, I) as it decodes codes."""
+def resnet_decoder(latent_dim, hidden_dim, labels=0):
+    """(B, latent_dim [+ labels]) -> (B, 784) logits: the mirror image of resnet_encoder. Nothing
+    reaches it from the encoder but z (no U-Net skips), so that it decodes z ~ N(0, I) as it
+    decodes codes. A conditional one takes [z, y], and its residual blocks scale and shift their
+    features per class (LabelledSequential)."""
     c1, c2 = RESNET_CHANNELS
-    return nn.Sequential(
-        nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, c2 * 7 * 7),
-        nn.Unflatten(1, (c2, 7, 7)), *resnet_middle(c2),
+    layers = [
+        nn.Linear(latent_dim + labels, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, c2 * 7 * 7),
+        nn.Unflatten(1, (c2, 7, 7)), *resnet_middle(c2, labels),
         nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),  # (B, c1, 14, 14)
-        ResBlock(channels=c1), nn.GroupNorm(8, c1), nn.SiLU(),
+        ResBlock(channels=c1, labels=labels), nn.GroupNorm(8, c1), nn.SiLU(),
         nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
         nn.Flatten(),
-    )
+    ]
+    return LabelledSequential(*layers, labels=labels) if labels else nn.Sequential(*layers)
 
 
 # ------------------------------------------------------------------ the Bernoulli NLL, made fast

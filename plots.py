@@ -17,11 +17,12 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+import torch.nn.functional as F
 from torch import nn
 
 import metrics
 import utils
-from models import ResBlock, SelfAttention, build_model
+from models import NUM_CLASSES, ResBlock, SelfAttention, build_model
 from utils import IMAGE_SIDE
 
 
@@ -38,12 +39,15 @@ def draw_figures(models, configs, codes, samplers, histories, scores, data, data
         plot_generation(samplers, folder / "generation.png")
         plot_interpolation(models, codes, images, labels, info, folder / "interpolation.png")
         plot_latent_scatter(codes, axes, labels, info, folder / "latent_scatter.png")
-        plot_reconstruction(models, codes, images, info, folder / "reconstruction.png")
+        plot_reconstruction(models, codes, data["test"], info, folder / "reconstruction.png")
         plot_loss_curves(histories, folder / "loss_curves.png")
         if "VAE" in models:
             variances = scores["vae"]["posterior"]["posterior_mean_variance"]
-            plot_manifold(models["VAE"], variances, folder / "manifold.png")
+            plot_manifold(models["VAE"], variances, info, folder / "manifold.png")
         plot_architecture(configs, folder / "architecture.png")
+        if any(model.label_dim for model in models.values()):
+            plot_conditional(samplers, info, folder / "conditional.png")
+            plot_analogies(models, data["test"], info, folder / "analogies.png")
     with phases("drawing the GIF"):  # on the scatter's axes, so both show the same orientation
         write_latent_evolution(histories, axes, labels, info, folder / "latent_evolution.gif")
     with phases("writing the explorer page"):  # on the scatter's axes too
@@ -75,21 +79,26 @@ def show(ax, image, title=None):
 def plot_generation(samplers, path, *, n_side=8, seed=0):
     """samplers: {"VAE, z ~ N(0, I)": (model, LatentGaussian), ...}. Decode codes drawn from each:
     the VAE was trained for its prior, the AE was not; a Gaussian fitted to its codes is its
-    chance."""
+    chance. A conditional model is asked for labels drawn uniformly, as its scores are."""
     figure = Figure(figsize=(4.2 * len(samplers) + 1.2, 4.8), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(samplers)))
     for ax, (label, (model, prior)) in zip(axes, samplers.items()):
         images = metrics.draw_samples(model, prior, n_side * n_side, seed)
         show(ax, grid_image(images, n_side), label.replace("Gaussian fitted", "\nGaussian fitted"))
-    figure.suptitle(f"{n_side * n_side} decoded samples per sampler (the same noise for each)",
-                    fontsize=12)
+    asked = any(model.label_dim for model, _ in samplers.values())
+    figure.suptitle(f"{n_side * n_side} decoded samples per sampler (the same noise for each"
+                    f"{'; labels asked for drawn uniformly, the same for each' * asked})", fontsize=12)
     utils.save_figure(figure, path)
 
 
-def plot_manifold(model, posterior_mean_variance, path, *, n_side=20):
+MANIFOLD_LABEL = 2  # the class a conditional VAE's manifold.png decodes
+
+
+def plot_manifold(model, posterior_mean_variance, dataset, path, *, n_side=20):
     """The classic 20x20 grid: decode z over the two latent dimensions whose posterior means
     vary most over the test set (all of z when it is 2-D; one row when it is 1-D), at the 5% to
-    95% quantiles of N(0, 1), with every other dimension at 0."""
+    95% quantiles of N(0, 1), with every other dimension at 0; a conditional VAE's as
+    MANIFOLD_LABEL, so that the grid shows the style its code carries."""
     dims = most_active_dimensions(posterior_mean_variance, 2)
     quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n_side))
     device = next(model.parameters()).device
@@ -99,13 +108,16 @@ def plot_manifold(model, posterior_mean_variance, path, *, n_side=20):
         z[:, :, dims[1]] = quantiles.flip(0)[:, None].to(device)  # rows: top to bottom = high->low
     figure = Figure(figsize=(8, 8.4) if len(dims) == 2 else (8, 1.6), layout="constrained")
     ax = figure.subplots()
-    show(ax, grid_image(metrics.decode_images(model, z.reshape(-1, model.latent_dim)), n_side))
+    label = MANIFOLD_LABEL if model.label_dim else None
+    show(ax, grid_image(metrics.decode_images(model, z.reshape(-1, model.latent_dim), label), n_side))
     if model.latent_dim <= 2:
         title = f"VAE with a {model.latent_dim}-D latent space: decoded grid over z"
     else:
         title = (f"VAE: decoded grid over latent dimensions {dims[0]} (across) and {dims[1]} "
                  f"(down), the two most active of {model.latent_dim};\nthe other dimensions at 0; "
                  "N(0, 1) quantiles 5% to 95%")
+    if label is not None:
+        title += f"; each decoded as a {dataset.classes[label]} (the label)"
     ax.set_title(title, fontsize=12 if model.latent_dim <= 2 else 11)
     utils.save_figure(figure, path)
 
@@ -121,7 +133,8 @@ def pick_pairs(labels, class_pairs):
 
 
 def plot_interpolation(models, codes, images, labels, dataset, path, *, steps=10):
-    """Decode a straight line between the codes (VAE: posterior means) of two real test images."""
+    """Decode a straight line between the codes (VAE: posterior means) of two real test images;
+    a conditional model's label slides from one's to the other's with the code."""
     pairs = pick_pairs(labels, dataset.interpolation_pairs)
     rows = [(name, model, pair) for pair in pairs for name, model in models.items()]
     figure = Figure(figsize=(12, 1.25 * len(rows) + 0.6), layout="constrained")
@@ -129,12 +142,15 @@ def plot_interpolation(models, codes, images, labels, dataset, path, *, steps=10
     for row, (name, model, (a, b)) in enumerate(rows):
         ends = codes[name][[a, b]]  # (2, latent_dim)
         t = torch.linspace(0, 1, steps, device=ends.device)[:, None]  # (steps, 1)
-        line = (1 - t) * ends[0] + t * ends[1]  # (steps, latent_dim)
-        path_images = metrics.decode_images(model, line)  # (steps, 1, 28, 28)
+        line = metrics.lerp(ends[0], ends[1], t)  # (steps, latent_dim)
+        end_labels = F.one_hot(labels[[a, b]], NUM_CLASSES).float().to(ends.device)  # (2, 10)
+        path_labels = metrics.lerp(end_labels[0], end_labels[1], t)  # (steps, 10)
+        path_images = metrics.decode_images(model, line, path_labels)  # (steps, 1, 28, 28)
         real = images[[a, b]].reshape(2, 1, IMAGE_SIDE, IMAGE_SIDE)
         show(axes[row, 0], grid_image(real[:1], 1), dataset.classes[labels[a]])
+        sliding = ", its label sliding from a's to b's" * bool(model.label_dim)
         show(axes[row, 1], grid_image(path_images, steps),
-             "decoded path, z = (1-t) z_a + t z_b" if row == 0 else None)
+             f"decoded path, z = (1-t) z_a + t z_b{sliding}" if row == 0 else None)
         show(axes[row, 2], grid_image(real[1:], 1), dataset.classes[labels[b]])
         axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=13)
     figure.suptitle(f"Interpolation between two real {dataset.title} test images in each model's "
@@ -142,11 +158,12 @@ def plot_interpolation(models, codes, images, labels, dataset, path, *, steps=10
     utils.save_figure(figure, path)
 
 
-def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
+def plot_reconstruction(models, codes, test, dataset, path, *, count=16):
     """The first `count` test images and each model's reconstruction: its decoded code (VAE:
-    the posterior mean)."""
+    the posterior mean). test: the test images and labels."""
+    images, labels = test
     rows = [("real", images[:count].reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE))]
-    rows += [(name, metrics.decode_images(model, codes[name][:count]))
+    rows += [(name, metrics.decode_images(model, codes[name][:count], labels[:count]))
              for name, model in models.items()]
     figure = Figure(figsize=(12, 1.0 * len(rows) + 0.6), layout="constrained")
     axes = np.atleast_1d(figure.subplots(len(rows), 1))
@@ -157,16 +174,18 @@ def plot_reconstruction(models, codes, images, dataset, path, *, count=16):
     utils.save_figure(figure, path)
 
 
-def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row=5):
+def plot_comparison(models, test, path, *, n_side=8, count=16, seed=0, per_row=5):
     """comparison.png: a column per run ({label: model}), `per_row` to a row: 64 decodes of
     z ~ N(0, I) (the same draws for each model of a latent size) above its reconstructions of
-    the first `count` test images; the first place shows real test images."""
+    the first `count` test images (test: images and labels); the first place shows real test
+    images."""
+    images, labels = test[0], test[1][:count]
     real = images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     columns = [("real test images", real[count:count + n_side**2], real[:count])]
     for label, model in models.items():
         samples = metrics.draw_samples(model, None, n_side**2, seed)  # z ~ N(0, I)
-        codes = metrics.codes_of(model, images[:count])  # the VAE's: posterior means
-        columns.append((label, samples, metrics.decode_images(model, codes)))
+        codes = metrics.codes_of(model, images[:count], labels)  # the VAE's: posterior means
+        columns.append((label, samples, metrics.decode_images(model, codes, labels)))
     rows, per_row = -(-len(columns) // per_row), min(per_row, len(columns))
     figure = Figure(figsize=(2.3 * per_row, 4.4 * rows), layout="constrained")
     axes = figure.subplots(2 * rows, per_row, height_ratios=[2, 1] * rows, squeeze=False)
@@ -184,6 +203,43 @@ def plot_comparison(models, images, path, *, n_side=8, count=16, seed=0, per_row
         axes[2 * row + 1, 0].set_ylabel("reconstructions", fontsize=11)
     figure.suptitle(f"Samples from the prior (top) and reconstructions of the first {count} test "
                     "images (bottom), per run", fontsize=12)
+    utils.save_figure(figure, path)
+
+
+def plot_conditional(samplers, dataset, path, *, columns=10, seed=0):
+    """conditional.png: each conditional sampler's samples, a row per class: each column one
+    draw of z, decoded with every label, so that a column shows one style as every digit."""
+    shown = {label: sampler for label, sampler in samplers.items() if sampler[0].label_dim}
+    figure = Figure(figsize=(3.4 * len(shown) + 0.8, 4.2), layout="constrained")
+    for ax, (label, (model, prior)) in zip(np.atleast_1d(figure.subplots(1, len(shown))),
+                                           shown.items()):
+        z = prior.draw(columns, torch.Generator().manual_seed(seed))  # (columns, D)
+        rows = torch.arange(NUM_CLASSES).repeat_interleave(columns)  # each row one class
+        device = next(model.parameters()).device
+        images = metrics.decode_images(model, z.repeat(NUM_CLASSES, 1).to(device), rows)
+        show(ax, grid_image(images, columns), label.replace("Gaussian fitted", "\nGaussian fitted"))
+        ax.set_yticks([2 + 30 * k + 14 for k in range(NUM_CLASSES)], dataset.classes)
+    figure.suptitle(f"Asked for each {dataset.title} class (rows): {columns} draws of z "
+                    "(columns), each decoded with every label", fontsize=12)
+    utils.save_figure(figure, path)
+
+
+def plot_analogies(models, test, dataset, path, *, count=8):
+    """analogies.png: the first `count` test images (test: images and labels), each encoded with
+    its own label, and its code decoded with every label: the same style, another class."""
+    images, labels = test[0][:count], test[1][:count]
+    figure = Figure(figsize=(5.2 * len(models) + 0.6, 0.5 * count + 0.6), layout="constrained")
+    axes = figure.subplots(1, 2 * len(models), width_ratios=[1, NUM_CLASSES] * len(models),
+                           squeeze=False)[0]
+    for (real_ax, ax), (name, model) in zip(zip(axes[::2], axes[1::2]), models.items()):
+        codes = metrics.codes_of(model, images, labels)  # (count, D)
+        every = torch.arange(NUM_CLASSES).repeat(count)  # (count * 10,): each code, each label
+        decoded = metrics.decode_images(model, codes.repeat_interleave(NUM_CLASSES, dim=0), every)
+        show(real_ax, grid_image(images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), 1), "x")
+        show(ax, grid_image(decoded, NUM_CLASSES), f"{name}: its code, decoded as each class")
+        ax.set_xticks([2 + 30 * k + 14 for k in range(NUM_CLASSES)], dataset.classes)
+    figure.suptitle(f"Analogies: {count} {dataset.title} test images, each encoded with its label "
+                    "and decoded with every label", fontsize=12)
     utils.save_figure(figure, path)
 
 
@@ -385,8 +441,9 @@ def write_explorer(models, configs, codes, axes_of, samplers, scores, test, data
     """explorer.html: one self-contained page where each model decodes the point under the pointer
     on the plane of its principal axes `axes_of[name]` (those of latent_scatter.png), plus samples,
     interpolations and the VAE's most active dimensions. MLP decoders run in the page's JavaScript;
-    others show the nearest of a `grid_side`^2 grid decoded here. test: (images (N, 784) in [0, 1],
-    labels (N,)); the first `dots` are the page's dots and interpolation ends."""
+    others show the nearest of a `grid_side`^2 grid decoded here (a conditional model's: a smaller
+    grid for each label). test: (images (N, 784) in [0, 1], labels (N,)); the first `dots` are the
+    page's dots and interpolation ends. A conditional run's page has a picker of the label."""
     images, labels = test
     count = min(dots, len(images))
     variances = scores.get("vae", {}).get("posterior", {}).get("posterior_mean_variance")
@@ -433,10 +490,12 @@ def explorer_model(name, model, config, codes, axes, variances, *, count, grid_s
     codes = codes.detach().float().cpu()
     plane = latent_plane(codes, axes.detach().float().cpu())
     layers = decoder_layers(model) if runs_in_page(model, config) else None
-    return {"name": name, "latentDim": codes.shape[1], "arch": config.arch, **plane,
-            "axisNames": list(axis_names(codes.shape[1])), "codes": base64_of(codes[:count], "<f4"),
-            "layers": layers, "grid": None if layers else plane_grid(model, plane, grid_side),
-            "activeDims": active_dimensions(variances) if variances else []}
+    grid = None if layers else plane_grid(model, plane, grid_side * 3 // 5 if model.label_dim
+                                          else grid_side)
+    return {"name": name, "latentDim": codes.shape[1], "arch": config.arch,
+            "conditional": bool(model.label_dim), **plane, "axisNames": list(axis_names(
+                codes.shape[1])), "codes": base64_of(codes[:count], "<f4"), "layers": layers,
+            "grid": grid, "activeDims": active_dimensions(variances) if variances else []}
 
 
 def latent_plane(codes, axes):
@@ -478,14 +537,16 @@ def decoder_layers(model):
 
 def plane_grid(model, plane, side):
     """The decodes of a side x side grid over the plane, for a decoder the page cannot run: rows
-    from v = +limit down to -limit, columns from u = -limit to +limit, as bytes (side^2, 784)."""
+    from v = +limit down to -limit, columns from u = -limit to +limit, as bytes (side^2, 784);
+    one grid, or a conditional model's one for each label."""
     steps = torch.linspace(-plane["limit"], plane["limit"], side)
     u, v = steps.repeat(side), steps.flip(0).repeat_interleave(side)  # (side^2,) each
     a1, a2 = torch.tensor(plane["axes"])  # (D,) each
     z = torch.tensor(plane["mPerp"]) + u[:, None] * a1 + v[:, None] * a2  # (side^2, D)
     device = next(model.parameters()).device
-    images = metrics.decode_images(model, z.to(device)).reshape(side * side, -1)
-    return {"side": side, "images": image_bytes(images)}
+    labels = range(NUM_CLASSES) if model.label_dim else [None]
+    return {"side": side, "images": [image_bytes(metrics.decode_images(
+        model, z.to(device), label).reshape(side * side, -1)) for label in labels]}
 
 
 def active_dimensions(posterior_mean_variance, *, count=4):
@@ -497,11 +558,16 @@ def active_dimensions(posterior_mean_variance, *, count=4):
 
 def explorer_sampler(label, model, prior, models, configs, *, count, seed=0):
     """One sampler of metrics.make_samplers for the page: its Gaussian (mean, scale_tril), and
-    `count` decoded draws where the page cannot run the decoder."""
+    where the page cannot run the decoder `count` decoded draws (a conditional model's: 8 for
+    each label)."""
     name = next(name for name, candidate in models.items() if candidate is model)
     images = None
-    if not runs_in_page(model, configs[name]):
-        images = image_bytes(metrics.draw_samples(model, prior, count, seed))
+    if not runs_in_page(model, configs[name]) and model.label_dim:
+        generator = torch.Generator().manual_seed(seed)
+        images = [image_bytes(model.sample(8, asked, prior=prior, generator=generator))
+                  for asked in range(NUM_CLASSES)]
+    elif not runs_in_page(model, configs[name]):
+        images = [image_bytes(metrics.draw_samples(model, prior, count, seed))]
     return {"label": label, "model": name, "mean": prior.mean.float().cpu().tolist(),
             "scaleTril": prior.scale_tril.float().cpu().tolist(), "images": images}
 
@@ -509,9 +575,9 @@ def explorer_sampler(label, model, prior, models, configs, *, count, seed=0):
 # ------------------------------------------------------------------ the architecture diagram
 
 BLOCK_COLOURS = {"data": "#eeeeee", "encoder": "#d6e6f5", "code": "#d9d9d9", "decoder": "#d9f0d3",
-                 "vae": "#ffd8a8", "loss": "#f2e4f7"}
+                 "vae": "#ffd8a8", "loss": "#f2e4f7", "label": "#fff1a8"}
 BLOCK_NAMES = {"encoder": "encoder", "code": "code z", "decoder": "decoder",
-               "vae": "added by the VAE", "loss": "training loss"}
+               "vae": "added by the VAE", "loss": "training loss", "label": "the label y"}
 
 
 def plot_architecture(configs, path):
@@ -526,7 +592,8 @@ def architecture_figure(configs):
     steps = {name: model_steps(configs[name]) for name in names}
     rows = {name: architecture_rows(configs[name], *steps[name]) for name in names}
     height = 0.62 * max(len(panel) for panel in rows.values()) + 1.7
-    figure = Figure(figsize=(5.6 * len(names), height), layout="constrained")
+    longest = max(len(block[0]) for panel in rows.values() for row in panel for block in row)
+    figure = Figure(figsize=(max(5.6, 0.07 * longest) * len(names), height), layout="constrained")
     for ax, name in zip(np.atleast_1d(figure.subplots(1, len(names))), names):
         draw_blocks(ax, rows[name])
         ax.set_title(f"{name}{ARCH_TITLES.get(configs[name].arch, '')}\n"
@@ -553,8 +620,9 @@ def model_steps(config):
     its random initial weights drawn outside torch's global random state."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         model = build_model(config).eval()
-        encoder, _ = layer_steps(model.encoder, torch.zeros(1, config.image_dim))
-        decoder, _ = layer_steps(model.decoder, torch.zeros(1, config.latent_dim))
+        labels = model.label_dim  # a conditional model's inputs end with the one-hot label
+        encoder, _ = layer_steps(model.encoder, torch.zeros(1, config.image_dim + labels))
+        decoder, _ = layer_steps(model.decoder, torch.zeros(1, config.latent_dim + labels))
     return encoder, decoder
 
 
@@ -568,7 +636,8 @@ def layer_steps(sequential, x):
         if isinstance(layer, (nn.ReLU, nn.SiLU, nn.GroupNorm)):
             steps[-1][0] += f" + {type(layer).__name__}"
         elif isinstance(layer, (ResBlock, SelfAttention)):
-            steps.append([DIAGRAM_BLOCKS[type(layer)], size])
+            per_class = ", FiLM(y)" * hasattr(layer, "label_scale_shift")  # per-class scale, shift
+            steps.append([DIAGRAM_BLOCKS[type(layer)] + per_class, size])
         elif isinstance(layer, nn.Unflatten) and steps:
             steps[-1][1] += f" = {size}"
         elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -601,7 +670,9 @@ def architecture_rows(config, encoder, decoder):
     level with the VAE's."""
     d, vae = config.latent_dim, config.kind == "vae"
     image = f"x: a {IMAGE_SIDE} x {IMAGE_SIDE} image, {config.image_dim} pixels"
-    rows = [[(image, "data", "main")]]
+    label_block = [(f"y, one-hot: {NUM_CLASSES}", "label", "side")] * (
+        config.condition == "label")  # beside the encoder's input and the decoder's
+    rows = [[(image, "data", "main"), *label_block]]
     rows += [[(f"{label}: {size}", "encoder", "main")] for label, size in encoder[:-1]]
     last = f"{encoder[-1][0]}: {2 * d} = 2 x {d}" if vae else f"{encoder[-1][0]}: {d}"
     rows.append([(last, "encoder", "main")])
@@ -611,13 +682,17 @@ def architecture_rows(config, encoder, decoder):
                      (r"$\varepsilon \sim \mathcal{N}(0, I)$", "vae", "side")])
     else:
         rows += [[], [(f"code z: {d}", "code", "main")]]
-    rows += [[(f"{label}: {size}", "decoder", "main")] for label, size in decoder]
-    rows[-1] = [(rows[-1][0][0] + " logits", "decoder", "main")]
+    decoder_rows = [[(f"{text}: {size}", "decoder", "main")] for text, size in decoder]
+    decoder_rows[0] += label_block
+    rows += decoder_rows
+    rows[-1][0] = (rows[-1][0][0] + " logits", "decoder", "main")
     rows.append([(rf"$\hat{{x}}$ = sigmoid(logits): {config.image_dim}", "data", "main")])
-    reconstruction = "loss: the reconstruction term\nBCE$(x, \\hat{x}) = -\\log p(x \\mid z)$"
+    given = r", y" * bool(label_block)  # a conditional model's distributions are given y
+    reconstruction = ("loss: the reconstruction term\n"
+                      rf"BCE$(x, \hat{{x}}) = -\log p(x \mid z{given})$")
     loss = [(reconstruction, "loss", "main")]
     if vae:  # beside it: the KL term, weighted by beta (1: the loss is the negative ELBO)
-        loss.append((rf"+ $\beta\,$KL$(q(z \mid x)\ \|\ \mathcal{{N}}(0, I))$" "\n"
+        loss.append((rf"+ $\beta\,$KL$(q(z \mid x{given})\ \|\ \mathcal{{N}}(0, I))$" "\n"
                      rf"the KL term, $\beta$ = {config.beta:g}", "vae", "term"))
     return rows + [loss]
 
@@ -685,9 +760,9 @@ def size_chain(config, encoder, decoder):
         return [size.split(" = ")[-1].replace(" x ", "x") for label, size in steps[:-1]
                 if not label.startswith(tuple(DIAGRAM_BLOCKS.values()))]
 
-    d = config.latent_dim
-    code = [f"2 x {d}", str(d)] if config.kind == "vae" else [str(d)]
-    first = [str(config.image_dim), *short(encoder), *code]
+    d, y = config.latent_dim, f" + {NUM_CLASSES}" * (config.condition == "label")
+    code = [f"2 x {d}", f"{d}{y}"] if config.kind == "vae" else [f"{d}{y}"]
+    first = [f"{config.image_dim}{y}", *short(encoder), *code]
     second = [*short(decoder), str(config.image_dim)]
     chain = " \u2192 ".join(first + second)
     if len(chain) <= 60:

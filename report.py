@@ -13,7 +13,7 @@ import metrics
 import plots
 import utils
 from checkpoint_files import TRAINING_FLAGS
-from models import MODEL_NAMES
+from models import MODEL_NAMES, NUM_CLASSES
 
 DEFAULT_NLL_SAMPLES = 100
 
@@ -23,12 +23,14 @@ def report(saved, data, dataset, run_args, phases):
     device), write metrics.json and every figure into run_args.figure_dir; return the metrics."""
     models = {MODEL_NAMES[kind]: model.model for kind, model in saved.items()}
     scores, codes, samplers = score(saved, models, data, dataset, run_args, phases)
-    utils.save_json(Path(run_args.figure_dir) / "metrics.json",
-                    {**scores, "notes": metrics.METRICS_NOTES})
+    conditional = any(model.label_dim for model in models.values())
+    utils.save_json(Path(run_args.figure_dir) / "metrics.json", {
+        **scores, "notes": metrics.METRICS_NOTES + metrics.CONDITIONAL_NOTES * conditional})
     histories = {MODEL_NAMES[kind]: model.checkpoint["history"] for kind, model in saved.items()}
     configs = {MODEL_NAMES[kind]: model.config for kind, model in saved.items()}
-    plots.draw_figures(models, configs, codes, samplers, histories, scores, data, dataset,
-                       run_args.figure_dir, phases)
+    if run_args.figures:
+        plots.draw_figures(models, configs, codes, samplers, histories, scores, data, dataset,
+                           run_args.figure_dir, phases)
     return scores
 
 
@@ -54,10 +56,9 @@ def score(saved, models, data, dataset, run_args, phases):
     if "vae" in saved:
         with phases("computing the IWAE bound"):
             targets = utils.binarized(test_images, scores["vae"]["binarize"], "test")
-            nats = metrics.iwae_nll(models["VAE"], targets, nll_samples, progress=True)
-            scores["vae"]["test_nll_iwae"] = {"nats": nats, "samples": nll_samples}
+            scores["vae"].update(iwae_scores(models["VAE"], targets, test_labels, nll_samples))
     with phases("scoring samples"):
-        samplers = metrics.make_samplers(models, train_images)
+        samplers = metrics.make_samplers(models, data["train"])
         reference, _ = metrics.classify(classifier, test_images)  # (N, 128) features
         scores["samples"] = metrics.score_samples(samplers, classifier, test_images, reference,
                                                   run_args.quality_samples)
@@ -68,6 +69,20 @@ def score(saved, models, data, dataset, run_args, phases):
                                                 reference, pairs)
             for name, model in models.items()}
     return scores, codes, samplers
+
+
+def iwae_scores(vae, targets, labels, samples):
+    """The VAE's IWAE bound on -log p(x); a conditional VAE's summed over the labels, and its
+    -log p(x | y) given each image's label too."""
+    if not vae.label_dim:
+        return {"test_nll_iwae": {"nats": metrics.iwae_nll(vae, targets, samples, progress=True),
+                                  "samples": samples}}
+    return {"test_nll_iwae": {"nats": metrics.iwae_nll_over_labels(vae, targets, samples,
+                                                                   progress=True),
+                              "samples": samples, "summed_over_labels": NUM_CLASSES},
+            "test_nll_given_label_iwae": {
+                "nats": metrics.iwae_nll(vae, targets, samples, labels, progress=True),
+                "samples": samples}}
 
 
 def training_record(saved, num_train_images):
@@ -107,16 +122,20 @@ def print_summary(scores, run_args):
     labelled as the checkpoint's when --eval only read it."""
     for kind in run_args.models:
         m = scores[kind]
-        iwae = m.get("test_nll_iwae")
-        nll = f", IWAE bound {iwae['nats']:.2f} (k={iwae['samples']})" if iwae else ""
+        iwae, given = m.get("test_nll_iwae"), m.get("test_nll_given_label_iwae")
+        nll = "" if not iwae else f", IWAE bound {iwae['nats']:.2f} (k={iwae['samples']})" \
+            if not given else (f", IWAE bound on -log p(x) {iwae['nats']:.2f} (k={iwae['samples']}"
+                               f" for each of 10 labels), on -log p(x | y) {given['nats']:.2f}")
         codes_kl = m["latent"]["aggregate_codes"]["gaussian_kl_to_prior"]
         print(f"{MODEL_NAMES[kind]}: test loss {m['test']['loss']:.2f} nats/image{nll}, "
               f"PSNR {m['reconstruction']['psnr']:.2f} dB, codes' KL to N(0, I) {codes_kl:.2f} "
               f"nats")
     for label, sample_scores in scores["samples"].items():
+        asked = sample_scores.get("asked_for_share")
+        asked = "" if asked is None else f", {100 * asked:.1f}% the label asked for"
         print(f"samples {label}: Frechet distance {sample_scores['frechet_distance']:.1f}, "
               f"{100 * sample_scores['confident_share']:.1f}% confident, class entropy "
-              f"{sample_scores['class_entropy_bits']:.2f} bits")
+              f"{sample_scores['class_entropy_bits']:.2f} bits{asked}")
     for name, paths in scores["interpolation"].items():
         print(f"interpolation {name}: midpoints' Frechet distance "
               f"{paths['midpoint_frechet_distance']['mean']:.1f}, "
@@ -132,7 +151,7 @@ def print_summary(scores, run_args):
         whose = "its checkpoint's training" if run_args.eval else "training"
         print(f"{MODEL_NAMES[kind]}: {whose}: {utils.counted(m['epochs'], 'epoch')}, "
               f"{m['seconds_per_epoch']:.2f} s/epoch ({how})")
-    print(f"figures and metrics.json written to {run_args.figure_dir}/")
+    print(f"{'figures and ' * run_args.figures}metrics.json written to {run_args.figure_dir}/")
 
 
 # ------------------------------------------------------------- reports over several run folders
@@ -141,19 +160,24 @@ def write_study(args, results):
     """--latent-study: the scores of each latent size, as a table, a figure and JSON."""
     study = {str(size): metrics.study_row(scores) for size, scores in results.items()}
     utils.save_json(Path(args.figure_dir) / "latent_study.json", study)
-    plots.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
+    if args.figures:
+        plots.plot_latent_study(study, Path(args.figure_dir) / "latent_study.png")
     print(metrics.latent_study_table(study))
-    print(f"latent_study.png and latent_study.json written to {args.figure_dir}/")
+    print(f"{'latent_study.png and ' * args.figures}latent_study.json written to "
+          f"{args.figure_dir}/")
     return study
 
 
 def slim_checkpoints(saved):
-    """--slim: rewrite each checkpoint with only what --eval reads: no Adam state, no
-    discriminator."""
+    """--slim: rewrite each checkpoint with only what --eval reads for the scores and the still
+    figures, to commit it: no Adam state, no discriminator, no test codes per epoch (so --eval
+    then draws no latent_evolution.gif)."""
     for model in saved.values():
-        checkpoint_files.save_checkpoint(model.path, {
-            key: value for key, value in model.checkpoint.items()
-            if key not in ("optimizer", "discriminator", "adversary")})
+        checkpoint = {key: value for key, value in model.checkpoint.items()
+                      if key not in ("optimizer", "discriminator", "adversary")}
+        checkpoint["history"] = [{key: value for key, value in record.items() if key != "codes"}
+                                 for record in checkpoint["history"]]
+        checkpoint_files.save_checkpoint(model.path, checkpoint)
         print(f"{model.path} slimmed to what --eval reads "
               f"({model.path.stat().st_size / 2**20:.1f} MiB); --resume can no longer continue it")
 
@@ -194,7 +218,7 @@ def compare_runs(args, phases, parser):
         data = utils.load_data(args.data_dir, dataset, torch.device("cpu"))
     folder = Path(args.figure_dir) / "comparison"
     with phases("drawing the figures"):
-        plots.plot_comparison(models, data["test"][0], folder / "comparison.png")
+        plots.plot_comparison(models, data["test"], folder / "comparison.png")
     utils.save_json(folder / "comparison.json", table)
     print(printed)
     print(f"comparison.png and comparison.json written to {folder}/")

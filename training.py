@@ -33,10 +33,10 @@ def kl_weight_per_step(kl_range, steps):
     return [start + (end - start) * step / steps for step in range(1, steps + 1)]
 
 
-def shuffled_batches(targets, batch_size, order_generator):
-    """`targets` in an order drawn from `order_generator`, `batch_size` rows at a time."""
+def shuffled_batches(targets, labels, batch_size, order_generator):
+    """(targets, labels) in an order drawn from `order_generator`, `batch_size` rows at a time."""
     order = torch.randperm(len(targets), generator=order_generator, device=targets.device)
-    return (targets[order[start:start + batch_size]]
+    return ((targets[order[start:start + batch_size]], labels[order[start:start + batch_size]])
             for start in range(0, len(targets), batch_size))
 
 

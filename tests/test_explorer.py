@@ -30,25 +30,27 @@ from models import ModelConfig, build_model
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
 ONE_LEVEL = 1 / 255  # what the page's 8-bit images can show
-PAGES = {  # name: (models, latent size, architecture)
-    "both": (("vae", "ae"), 3, "mlp"), "vae, 2-D": (("vae",), 2, "mlp"), "ae, 1-D": (("ae",), 1, "mlp"),
-    "conv": (("vae", "ae"), 3, "conv"),
+PAGES = {  # name: (models, latent size, architecture, condition)
+    "both": (("vae", "ae"), 3, "mlp", "none"), "vae, 2-D": (("vae",), 2, "mlp", "none"),
+    "ae, 1-D": (("ae",), 1, "mlp", "none"), "conv": (("vae", "ae"), 3, "conv", "none"),
+    "conditional": (("vae", "ae"), 3, "mlp", "label"),
 }
 
 
 # ------------------------------------------------------------------ tiny pages and a browser
 
-def tiny_models(kinds, latent_dim, arch, images):
+def tiny_models(kinds, latent_dim, arch, condition, images, labels):
     """{"VAE": model, ...} and their configs: 2 hidden layers of 16, three Adam steps on `images`."""
     trained, configs = {}, {}
     with torch.random.fork_rng():  # the weights' draws leave the other tests' global RNG alone
         torch.manual_seed(0)
         for kind in kinds:
-            config = ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dim=16, arch=arch, hidden_layers=2)
+            config = ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dim=16, arch=arch, hidden_layers=2,
+                                 condition=condition)
             model = build_model(config)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
             for _ in range(3):
-                loss, _ = model(images)
+                loss, _ = model(images, labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -56,16 +58,16 @@ def tiny_models(kinds, latent_dim, arch, images):
     return trained, configs
 
 
-def write_tiny_page(path, kinds, latent_dim, arch):
+def write_tiny_page(path, kinds, latent_dim, arch, condition):
     """explorer.html of a tiny pair, written as draw_figures writes it; returns the models."""
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.rand(64, 784, generator=generator), torch.arange(64) % 10
-    trained, configs = tiny_models(kinds, latent_dim, arch, images[:16])  # a conv step takes 0.1 s
-    codes = {name: metrics.codes_of(model, images) for name, model in trained.items()}
+    trained, configs = tiny_models(kinds, latent_dim, arch, condition, images[:16], labels[:16])  # conv: 0.1 s a step
+    codes = {name: metrics.codes_of(model, images, labels) for name, model in trained.items()}
     scores = {"vae": {"posterior": {"posterior_mean_variance": codes["VAE"].var(dim=0).tolist()}}} \
         if "VAE" in codes else {}
     axes = {name: plots.principal_axes(model_codes) for name, model_codes in codes.items()}
-    plots.write_explorer(trained, configs, codes, axes, metrics.make_samplers(trained, images), scores,
+    plots.write_explorer(trained, configs, codes, axes, metrics.make_samplers(trained, (images, labels)), scores,
                          (images, labels), utils.DATASETS["mnist"], path)
     return trained
 
@@ -131,14 +133,14 @@ def canvas_image(driver, element_id):
     return driver.execute_script(f"return document.getElementById({element_id!r}).toDataURL()")
 
 
-def torch_images(model, z):
+def torch_images(model, z, label=None):
     with torch.no_grad():
-        return torch.sigmoid(model.decode(torch.tensor(z, dtype=torch.float32))).double().numpy()
+        return torch.sigmoid(model.decode(torch.tensor(z, dtype=torch.float32), label)).double().numpy()
 
 
-def page_decodes(driver, name, z):
+def page_decodes(driver, name, z, label=None):
     return np.array(driver.execute_script(
-        "return arguments[0].map(z => window.explorer.decode(arguments[1], z))", z, name))
+        "return arguments[0].map(z => window.explorer.decode(arguments[1], z, arguments[2]))", z, name, label))
 
 
 def probe_codes(latent_dim, count=24):
@@ -160,6 +162,24 @@ def test_the_page_decodes_like_torch(browser, pages, name):
         decoded = page_decodes(browser, model_name, z)
         assert decoded.shape == (len(z), 784) and decoded.min() >= 0 and decoded.max() <= 1
         assert np.abs(decoded - torch_images(model, z)).max() < ONE_LEVEL, model_name
+    assert not console_errors(browser)
+
+
+def test_a_conditional_page_decodes_like_torch_with_the_label_asked_for_and_its_picker(browser, pages):
+    path, trained = pages["conditional"]
+    open_page(browser, path)
+    z = probe_codes(3, count=6)
+    for name, model in trained.items():
+        assert browser.execute_script("return window.explorer.conditional(arguments[0])", name)
+        for label in (0, 7):
+            assert np.abs(page_decodes(browser, name, z, label) - torch_images(model, z, label)).max() < ONE_LEVEL
+    before = {name: canvas_image(browser, f"decode-{name}") for name in trained}
+    browser.find_element("id", "label-7").click()
+    assert browser.execute_script("return window.explorer.label()") == 7
+    assert all(canvas_image(browser, f"decode-{name}") != before[name] for name in trained)
+    assert np.abs(page_decodes(browser, "VAE", z) - torch_images(trained["VAE"], z, 7)).max() < ONE_LEVEL
+    open_page(browser, pages["both"][0])  # an unconditional page: no picker, the label ignored
+    assert not browser.find_element("id", "label-picker").is_displayed()
     assert not console_errors(browser)
 
 

@@ -60,7 +60,7 @@ def test_train_then_eval_writes_every_file_and_eval_reproduces_the_metrics(tmp_p
 
 
 def trained_weights(data_dir, out, *options):
-    main.main(flags(data_dir, out, "--models", "vae", "--hidden-dim", "16", *options))
+    main.main(flags(data_dir, out, "--models", "vae", "--hidden-dim", "16", "--no-figures", *options))
     return checkpoint_files.load_checkpoint(out / "checkpoints" / "vae.pt")["model"]
 
 
@@ -77,7 +77,7 @@ def test_a_model_trains_beside_the_other_as_alone_on_the_same_threads(synthetic_
     # Side by side, each model gets half of torch's threads. Alone with that many threads its arithmetic is the same,
     # so its weights must be too: a model drawing from a generator the other also draws from would break this.
     # (With other thread counts matmuls sum in another order: same seed, close but not equal weights.)
-    options = ["--hidden-dim", "16", "--binarize", "dynamic", "--epochs", "2", "--precision", precision]
+    options = ["--hidden-dim", "16", "--binarize", "dynamic", "--epochs", "2", "--precision", precision, "--no-figures"]
     main.main(flags(synthetic_mnist, tmp_path / "both", *options))
     kinds = ["vae", "ae"] if precision == "fp32" else ["vae"]
     threads = torch.get_num_threads()
@@ -97,13 +97,13 @@ def test_a_model_trains_beside_the_other_as_alone_on_the_same_threads(synthetic_
 @pytest.mark.parametrize("kind", ["vae", "ae"])
 def test_bf16_training_follows_fp32_closely_but_not_bit_for_bit(kind):
     # 40 steps: an autocast around the whole epoch would keep the first step's bfloat16 weights throughout
-    images = torch.rand(640, 784, generator=torch.Generator().manual_seed(0))
+    images, labels = torch.rand(640, 784, generator=torch.Generator().manual_seed(0)), torch.arange(640) % 10
 
     def train(precision):
         torch.manual_seed(0)
         model = build_model(ModelConfig(kind=kind, hidden_dim=64))
         optimizer = utils.make_optimizer(model, 3e-3, torch.device("cpu"))
-        parts = main.train_epoch(model, optimizer, images, batch_size=16, order=torch.Generator().manual_seed(0),
+        parts = main.train_epoch(model, optimizer, images, labels, batch_size=16, order=torch.Generator().manual_seed(0),
                                  draws=torch.Generator().manual_seed(0), precision=precision)
         return parts["loss"], torch.cat([p.flatten() for p in model.parameters()])
     (loss_fp32, weights_fp32), (loss_bf16, weights_bf16) = train("fp32"), train("bf16")
@@ -170,7 +170,8 @@ def test_a_device_this_machine_lacks_is_refused_before_any_data_is_read(device, 
 
 def test_research_options_are_stored_and_eval_reproduces_them(synthetic_mnist, tmp_path):
     options = ["--models", "vae", "--epochs", "2", "--arch", "conv", "--hidden-dim", "16", "--binarize", "static",
-               "--beta", "2", "--kl-warmup", "1", "--lr-schedule", "cosine", "--nll-samples", "10"]
+               "--beta", "2", "--kl-warmup", "1", "--lr-schedule", "cosine", "--nll-samples", "10",
+               "--condition", "label"]
     trained = main.main(flags(synthetic_mnist, tmp_path, *options))
     evaluated = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "10"))
     vae = evaluated["vae"]
@@ -178,6 +179,27 @@ def test_research_options_are_stored_and_eval_reproduces_them(synthetic_mnist, t
     assert vae["test"] == trained["vae"]["test"] and vae["test_nll_iwae"] == trained["vae"]["test_nll_iwae"]
     assert vae["flags"]["lr_schedule"] == "cosine" and vae["flags"]["kl_warmup"] == 1.0
     assert set(evaluated["samples"]) == {"VAE, z ~ N(0, I)"}
+    # a conditional run: -log p(x) over the labels beside -log p(x | y), shares of the label asked for, its figures
+    assert vae["config"]["condition"] == "label" and vae["test_nll_iwae"]["summed_over_labels"] == 10
+    assert vae["test_nll_given_label_iwae"]["nats"] > 0
+    assert "A conditional run" in json.loads((tmp_path / "figures" / "metrics.json").read_text())["notes"]
+    assert set(evaluated["samples"]["VAE, z ~ N(0, I)"]["asked_for_share_per_label"]) == set("0123456789")
+    for name in ("conditional.png", "analogies.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 1000, name
+
+
+def test_the_python_api_loads_a_checkpoint_samples_a_label_and_reconstructs(tmp_path):
+    from checkpoint_files import load_model
+
+    config = ModelConfig(kind="vae", latent_dim=4, hidden_dim=8, condition="label")
+    model = build_model(config)
+    checkpoint_files.save_checkpoint(tmp_path / "vae.pt", {"config": vars(config), "model": model.state_dict(),
+                                                           "history": []})
+    vae = load_model(tmp_path / "vae.pt")  # the README's three lines
+    sevens = vae.sample(16, labels=7)
+    again = vae.reconstruct(sevens, labels=7)
+    assert sevens.shape == again.shape == (16, 784) and 0 <= sevens.min() and sevens.max() <= 1
+    assert torch.equal(vae.decoder[0].weight, model.decoder[0].weight) and not vae.training
 
 
 def test_a_1d_latent_space_trains_and_draws_every_figure(synthetic_mnist, tmp_path):
@@ -188,11 +210,13 @@ def test_a_1d_latent_space_trains_and_draws_every_figure(synthetic_mnist, tmp_pa
 
 
 def test_the_classifier_is_trained_once_per_dataset_whatever_the_folders(synthetic_mnist, tmp_path, monkeypatch):
-    main.main(flags(synthetic_mnist, tmp_path / "first", "--dataset", "fashion-mnist", "--hidden-dim", "16"))
+    main.main(flags(synthetic_mnist, tmp_path / "first", "--dataset", "fashion-mnist", "--hidden-dim", "16",
+                    "--no-figures"))
     assert (tmp_path / "checkpoints" / "classifier-fashion-mnist.pt").is_file()  # the cache, in the working folder
     monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: pytest.fail("trained the classifier again"))
-    main.main(flags(synthetic_mnist, tmp_path / "second", "--dataset", "fashion-mnist", "--hidden-dim", "16"))
-    evaluated = main.main(flags(synthetic_mnist, tmp_path / "second", "--eval"))  # the checkpoints say which dataset
+    main.main(flags(synthetic_mnist, tmp_path / "second", "--dataset", "fashion-mnist", "--hidden-dim", "16",
+                    "--no-figures"))
+    evaluated = main.main(flags(synthetic_mnist, tmp_path / "second", "--eval", "--no-figures"))  # the checkpoints' dataset
     assert evaluated["dataset"] == "fashion-mnist"
     assert evaluated["classifier"]["file"] == "checkpoints/classifier-fashion-mnist.pt"
 
@@ -217,11 +241,12 @@ def test_latent_study_keeps_each_run_apart_and_compares_them(synthetic_mnist, tm
 
 
 def test_the_iwae_sample_count_changes_no_other_metric_and_eval_keeps_the_stored_one(synthetic_mnist, tmp_path):
-    trained = main.main(flags(synthetic_mnist, tmp_path, "--hidden-dim", "16"))  # 10 samples
+    trained = main.main(flags(synthetic_mnist, tmp_path, "--hidden-dim", "16", "--no-figures"))  # 10 samples
     kept = main.main(["--data-dir", str(synthetic_mnist), "--checkpoint-dir", str(tmp_path / "checkpoints"),
-                      "--figure-dir", str(tmp_path / "figures"), "--eval", "--quality-samples", "500"])
+                      "--figure-dir", str(tmp_path / "figures"), "--eval", "--quality-samples", "500",
+                      "--no-figures"])
     assert kept == trained  # the count of the metrics.json it replaced: 10
-    many = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "30"))
+    many = main.main(flags(synthetic_mnist, tmp_path, "--eval", "--nll-samples", "30", "--no-figures"))
     assert kept["vae"].pop("test_nll_iwae") != many["vae"].pop("test_nll_iwae")
     assert kept == many
 
@@ -255,7 +280,7 @@ def test_the_comparison_figure_puts_five_columns_to_a_row(tmp_path):
     sizes = []
     for runs in (4, 6):  # with the real images: 5 columns in one row, then 7 in two
         models = {f"run {i}": build_model(ModelConfig(kind="vae", latent_dim=2, hidden_dim=8)) for i in range(runs)}
-        plots.plot_comparison(models, images, tmp_path / f"{runs}.png")
+        plots.plot_comparison(models, (images, torch.arange(80) % 10), tmp_path / f"{runs}.png")
         sizes.append(imread(tmp_path / f"{runs}.png").shape[:2])
     (one_row, width), (two_rows, same_width) = sizes
     assert width == same_width and 1.8 < two_rows / one_row < 2.2, sizes

@@ -140,7 +140,7 @@ class OffsetModel(nn.Module):
     def encode(self, x):
         return x
 
-    def decode(self, z):
+    def decode(self, z, labels=None):
         return torch.logit(z + 0.1)
 
 
@@ -227,7 +227,7 @@ class PathDecoder(nn.Module):
         super().__init__()
         self.jump = jump
 
-    def decode(self, z):
+    def decode(self, z, labels=None):
         if self.jump:
             images = torch.full((len(z), 784), 0.01)
             images[:, 0] = torch.where(z[:, 0] < 0.5, 0.99, 0.01)
@@ -285,9 +285,30 @@ def test_float64_work_is_done_on_the_cpu_by_construction():
     root = Path(__file__).resolve().parents[1]
     for name in ("models", "metrics", "plots", "report", "training"):
         source = (root / f"{name}.py").read_text()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "double":
+        for node in (node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)):
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "double":
                 assert ".cpu()" in ast.get_source_segment(source, node.func.value), \
                     f"{name}.py:{node.lineno}: .double() of a tensor not moved to the CPU"
-            if isinstance(node, ast.Call) and "float64" in ast.get_source_segment(source, node):
+            arguments = [*node.args, *(keyword.value for keyword in node.keywords)]
+            if any(isinstance(argument, ast.Attribute) and argument.attr == "float64" for argument in arguments):
                 assert not any(keyword.arg == "device" for keyword in node.keywords), f"{name}.py:{node.lineno}"
+
+
+def test_a_conditional_models_likelihood_summed_over_labels_is_its_likelihood_where_the_label_is_ignored():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="vae", latent_dim=3, hidden_dim=32, condition="label"))
+    with torch.no_grad():  # the label's columns weigh nothing: p(x | y) is the same for every y
+        model.encoder[0].weight[:, 784:] = 0
+        model.decoder[0].weight[:, 3:] = 0
+    x = binary_images(n=12)
+    given = metrics.iwae_nll(model, x, 20, torch.arange(12) % 10)
+    assert metrics.iwae_nll_over_labels(model, x, 20) == pytest.approx(given, rel=1e-9)
+
+
+def test_the_share_of_samples_that_are_the_label_asked_for():
+    asked = torch.tensor([0, 0, 1, 1, 2])
+    samples = torch.full((5, 784), 0.01)
+    samples[torch.arange(5), torch.tensor([0, 3, 1, 1, 2])] = 0.99  # the second sample is a 3
+    shares = metrics.asked_for_shares(FirstTenPixels(), samples, asked)
+    assert shares["asked_for_share"] == pytest.approx(0.8)
+    assert shares["asked_for_share_per_label"]["0"] == 0.5 and shares["asked_for_share_per_label"]["1"] == 1.0

@@ -143,3 +143,51 @@ def test_one_hidden_layer_keeps_the_parameter_names_of_earlier_checkpoints():
     assert names == {f"{part}.{index}.{tensor}" for part in ("encoder", "decoder") for index in (0, 2)
                      for tensor in ("weight", "bias")}
     assert len(tiny("vae", hidden_layers=3).state_dict()) == 2 * 4 * 2
+
+
+# ------------------------------------------------------------------ conditional models (--condition label)
+
+def conditional(kind, arch="mlp", latent_dim=3):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dim=32, arch=arch, condition="label"))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv", "resnet"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_conditional_model_gives_shapes_finite_losses_and_gradients_for_every_arch(kind, arch):
+    model, x, labels = conditional(kind, arch), binary_batch(), torch.arange(16) % 10
+    assert model.encode(x, labels).shape == (16, 3) and model.decode(torch.zeros(5, 3), 7).shape == (5, 784)
+    loss, parts = model(x, labels, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert math.isfinite(loss.item()) and set(parts) == ({"bce", "kl"} if kind == "vae" else {"bce"})
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="conditional"):
+        model.encode(x)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv", "resnet"])
+def test_the_decoded_image_changes_with_the_label_for_a_fixed_code(arch):
+    model, z = conditional("vae", arch), torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for parameter in model.parameters():  # weights large enough that every path matters
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+        decodes = torch.stack([model.decode(z, label) for label in range(10)])  # (10, 4, 784)
+    assert ((decodes[1:] - decodes[:1]).abs().amax(dim=(1, 2)) > 1e-3).all()
+    assert torch.allclose(model.decode(z, torch.full((4,), 7)), decodes[7])  # a class each or one for all
+    halfway = torch.zeros(4, 10)
+    halfway[:, 2] = halfway[:, 7] = 0.5  # a mix of two labels, as along an interpolation
+    assert model.decode(z, halfway).shape == (4, 784)
+
+
+def test_a_conditional_vaes_kl_is_zero_at_the_prior_and_the_mlp_takes_z_then_the_label():
+    model = conditional("vae")
+    first_encoder, first_decoder = model.encoder[0], model.decoder[0]
+    assert first_encoder.in_features == 784 + 10 and first_decoder.in_features == 3 + 10  # [x, y] and [z, y]
+    with torch.no_grad():
+        model.encoder[-1].weight.zero_(), model.encoder[-1].bias.zero_()  # mu = 0, log sigma^2 = 0
+    _, parts = model(binary_batch(), torch.arange(16) % 10)
+    assert parts["kl"].item() == 0.0
+    z, label = torch.randn(2, 3), torch.tensor([4, 9])
+    by_hand = first_decoder(torch.cat([z, torch.nn.functional.one_hot(label, 10).float()], dim=1))
+    assert torch.allclose(model.decoder[:1](model.with_label(z, label)), by_hand)

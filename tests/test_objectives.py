@@ -116,6 +116,7 @@ def test_the_patch_discriminator_judges_each_patch_by_its_own_pixels():
 def run_flags(data_dir, out, epochs, *extra):
     return ["--data-dir", str(data_dir), "--checkpoint-dir", str(out / "checkpoints"), "--figure-dir",
             str(out / "figures"), "--epochs", str(epochs), "--hidden-dim", "16", "--models", "vae", *FAST_SCORES,
+            "--no-figures",
             "--perceptual-weight", "1", "--adversarial-weight", "0.5", "--adversarial-start", "1", *extra]
 
 
@@ -133,7 +134,8 @@ def test_resume_with_the_discriminator_on_is_bit_for_bit_and_eval_keeps_the_hone
     history = straight["history"]
     assert "adversarial" not in history[0]["train"] and "adversarial" in history[2]["train"]
     assert set(history[2]["test"]) == {"loss", "bce", "kl"} and history[2]["discriminator_loss"] > 0
-    scores = main.main(["--eval", *run_flags(synthetic_mnist, tmp_path / "straight", 3)[:6], *FAST_SCORES])
+    scores = main.main(["--eval", *run_flags(synthetic_mnist, tmp_path / "straight", 3)[:6], *FAST_SCORES,
+                        "--no-figures"])
     assert scores["vae"]["flags"]["adversarial_weight"] == 0.5 and "sharpness" in scores["vae"]["reconstruction"]
     assert scores["vae"]["test"]["loss"] == pytest.approx(history[2]["test"]["loss"])
 
@@ -151,13 +153,14 @@ def test_the_perceptual_network_is_never_the_scoring_classifier(synthetic_mnist,
 def test_a_slimmed_checkpoint_evaluates_compares_and_refuses_resume_in_one_line(synthetic_mnist, tmp_path,
                                                                              committed_classifier, capsys):
     common = ["--data-dir", str(synthetic_mnist), *FAST_SCORES]
-    main.main([*common, "--epochs", "1", "--hidden-dim", "16"])  # the reference pair, in ./checkpoints
+    main.main([*common, "--epochs", "1", "--hidden-dim", "16", "--no-figures"])  # the reference pair
     run = run_flags(synthetic_mnist, tmp_path, 2, "--arch", "resnet")
     run[3], run[5] = "checkpoints/comparison/gan", "figures/comparison/gan"
     main.main(run)
-    main.main(["--eval", "--slim", *run[:6], *FAST_SCORES])
+    main.main(["--eval", "--slim", *run[:6], *FAST_SCORES, "--no-figures"])
     slim = checkpoint_files.load_checkpoint(tmp_path / "checkpoints/comparison/gan/vae.pt")
     assert "optimizer" not in slim and "discriminator" not in slim
+    assert slim["history"] and not any("codes" in record for record in slim["history"])  # no GIF to draw
     code, printed = run_expecting_error([*run, "--epochs", "3", "--resume"], capsys)
     assert code == 2 and "slimmed" in printed
     table = main.main([*common, "--compare"])

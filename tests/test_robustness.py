@@ -70,12 +70,12 @@ def no_half_written_files(folder):
             json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3", "--precision", "bf16"]],
-                         ids=["default", "dynamic-bf16"])
+@pytest.mark.parametrize("options", [[], ["--binarize", "dynamic", "--kl-warmup", "3", "--precision", "bf16",
+                                          "--condition", "label"]], ids=["default", "dynamic-bf16-conditional"])
 def test_resume_gives_the_same_weights_bit_for_bit(synthetic_mnist, tmp_path, options):
-    main.main(flags(synthetic_mnist, tmp_path / "straight", 4, *options))
-    main.main(flags(synthetic_mnist, tmp_path / "resumed", 2, *options))
-    main.main(flags(synthetic_mnist, tmp_path / "resumed", 4, "--resume"))
+    main.main(flags(synthetic_mnist, tmp_path / "straight", 4, *options, "--no-figures"))
+    main.main(flags(synthetic_mnist, tmp_path / "resumed", 2, *options, "--no-figures"))
+    main.main(flags(synthetic_mnist, tmp_path / "resumed", 4, "--resume", "--no-figures"))
     for kind in ["vae", "ae"]:
         straight, resumed = weights(tmp_path / "straight", kind), weights(tmp_path / "resumed", kind)
         assert all(torch.equal(straight[name], resumed[name]) for name in straight), kind
@@ -98,7 +98,7 @@ def test_a_signal_in_training_keeps_the_last_epoch_says_so_and_the_run_resumes(t
     assert "--resume" in printed
     saved_epochs = checkpoint_files.load_checkpoint(checkpoint)["epoch"]
     assert f"vae.pt holds epoch {saved_epochs};" in printed  # what the line claims is what the disk holds
-    main.main(flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume"))
+    main.main(flags(data_dir, out, saved_epochs + 1, "--models", "vae", "--resume", "--no-figures"))
     assert checkpoint_files.load_checkpoint(checkpoint)["epoch"] == saved_epochs + 1
 
 
@@ -164,7 +164,7 @@ def test_kill_9_at_any_moment_leaves_checkpoints_that_load_and_a_run_that_resume
             if (checkpoints / f"{kind}.pt").exists():
                 assert checkpoint_files.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] >= 1
     epochs = max(checkpoint_files.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] for kind in ["vae", "ae"]) + 1
-    main.main(flags(data_dir, out, epochs, "--hidden-dim", "400", "--resume"))  # the lock of the killed run is free
+    main.main(flags(data_dir, out, epochs, "--hidden-dim", "400", "--resume", "--no-figures"))  # the lock is free
     assert all(checkpoint_files.load_checkpoint(checkpoints / f"{kind}.pt")["epoch"] == epochs for kind in ["vae", "ae"])
 
 
@@ -244,7 +244,7 @@ def test_a_second_run_into_a_folder_in_use_stops_and_names_the_first(synthetic_m
     finally:
         holder.kill()  # kill -9: the kernel drops its lock
         holder.wait()
-    main.main(flags(synthetic_mnist, tmp_path, 1))  # a folder left locked by a dead run is taken over
+    main.main(flags(synthetic_mnist, tmp_path, 1, "--no-figures"))  # a folder left locked by a dead run is taken over
     assert (tmp_path / "checkpoints" / "vae.pt").is_file()
     assert not list(tmp_path.rglob(".lock"))  # a run that ends leaves no lock behind
 
@@ -257,7 +257,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_says_what_the_disk_holds(synthet
         patch.setattr(models, "bernoulli_nll", diverging)
         code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path / "fresh", 3, "--models", "ae"), capsys)
     assert code == 1 and "no checkpoint is saved yet" in printed and "keeps" not in printed
-    main.main(flags(synthetic_mnist, tmp_path, 1, "--models", "ae"))
+    main.main(flags(synthetic_mnist, tmp_path, 1, "--models", "ae", "--no-figures"))
     before = (tmp_path / "checkpoints" / "ae.pt").read_bytes()
     monkeypatch.setattr(models, "bernoulli_nll", diverging)
     code, printed = run_expecting_error(flags(synthetic_mnist, tmp_path, 3, "--models", "ae", "--resume"), capsys)
@@ -268,7 +268,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_says_what_the_disk_holds(synthet
 
 def test_a_model_failing_beside_the_other_stops_both_and_names_itself(synthetic_mnist, tmp_path, capsys,
                                                                       monkeypatch):
-    def diverging_forward(self, x, kl_weight=1.0, generator=None):
+    def diverging_forward(self, x, labels=None, kl_weight=1.0, generator=None):
         loss = (self.decode(self.encode(x)) * float("nan")).sum()
         return loss, {"bce": loss.detach()}
     monkeypatch.setattr(models.VAE, "forward", diverging_forward)
@@ -429,7 +429,7 @@ def test_each_checkpoint_is_read_and_rebuilt_once_per_run(trained, monkeypatch):
     rebuilt, restore = [], checkpoint_files.restore_model
     monkeypatch.setattr(checkpoint_files, "restore_model", lambda *args, **kwargs: rebuilt.append(
         Path(args[1]).name) or restore(*args, **kwargs))
-    main.main(flags(data_dir, out, 2, "--resume"))  # read, continued, then scored as they are
+    main.main(flags(data_dir, out, 2, "--resume", "--no-figures"))  # read, continued, then scored as they are
     assert rebuilt == ["vae.pt", "ae.pt"]
 
 
@@ -454,7 +454,7 @@ def test_adam_moments_that_do_not_fit_are_one_line_on_resume(trained, capsys):
                        lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(2)))
     code, printed = run_expecting_error(flags(data_dir, out, 2, "--resume"), capsys)
     assert code == 1 and "ae.pt: its optimizer or random state cannot be restored" in printed, printed
-    main.main(flags(data_dir, out, 1, "--eval"))  # --eval, which needs no optimizer, still works
+    main.main(flags(data_dir, out, 1, "--eval", "--no-figures"))  # --eval, which needs no optimizer, still works
 
 
 @pytest.mark.parametrize("damage", [
@@ -524,7 +524,7 @@ def run_with_one_field_replaced(data, trained, names, places_of, *extra):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            main.main(flags(data_dir, out, 2, *extra))
+            main.main(flags(data_dir, out, 2, *extra, "--no-figures"))
         except SystemExit as exited:
             assert exited.code in (1, 2), stderr.getvalue()
             check_error_line(stderr.getvalue())
@@ -536,7 +536,7 @@ def trained_with_a_discriminator(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adversarial")
     data_dir = make_synthetic_mnist(folder / "mnist")
     with contextlib.chdir(folder):
-        main.main(flags(data_dir, folder, 1, "--models", "vae", "--adversarial-weight", "0.5"))
+        main.main(flags(data_dir, folder, 1, "--models", "vae", "--adversarial-weight", "0.5", "--no-figures"))
     return data_dir, folder
 
 
@@ -591,9 +591,10 @@ def test_flags_the_checkpoint_decides_are_named_an_error_for_the_model_and_a_not
     data_dir, out = trained
     code, printed = run_expecting_error(flags(data_dir, out, 2, "--resume", "--latent-dim", "7"), capsys)
     assert code == 2 and printed.startswith("error: --latent-dim 7 contradicts") and "(latent_dim 20)" in printed
-    main.main(flags(data_dir, out, 2, "--resume", "--lr", "0.01", "--models", "vae"))
+    main.main(flags(data_dir, out, 2, "--resume", "--lr", "0.01", "--models", "vae", "--no-figures"))
     assert "note: --lr 0.01 is not used: --resume continues" in capsys.readouterr().out
-    main.main(flags(data_dir, out, 5, "--eval", "--latent-dim", "7", "--hidden-dim", "16", "--models", "vae"))
+    main.main(flags(data_dir, out, 5, "--eval", "--latent-dim", "7", "--hidden-dim", "16", "--models", "vae",
+                    "--no-figures"))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 2, notes  # --hidden-dim 16 is the checkpoint's own: nothing to say
     assert "--latent-dim 7 is not used: --eval evaluates" in notes[0] and "(latent_dim 20)" in notes[0]
@@ -651,7 +652,7 @@ def test_standard_output_on_a_full_disk_or_closed_is_one_line_after_the_work(tra
     with open("/dev/full", "w") as full, pytest.raises(SystemExit) as exited:
         monkeypatch.setattr(sys, "stdout", full)
         with utils.script_streams():  # as main.py run as a script has them
-            main.main(flags(data_dir, out, 1, "--eval"))
+            main.main(flags(data_dir, out, 1, "--eval", "--no-figures"))
     printed = capsys.readouterr().err
     assert exited.value.code == 1 and (out / "figures" / "metrics.json").is_file(), printed  # the work is done
     assert printed.startswith("error: could not write to standard output (No space left on device)"), printed
@@ -677,11 +678,13 @@ def test_names_the_file_system_refuses_or_cannot_print_are_one_line(tmp_path, ca
     assert ran.stderr.startswith("error: no checkpoint at ") and "runs-\\udcff/vae.pt" in ran.stderr
 
 
-def test_a_checkpoint_without_its_stored_flags_evaluates_with_the_defaults(trained):
-    data_dir, out = trained
+def test_a_checkpoint_without_its_stored_flags_or_its_config_s_condition_evaluates_with_the_defaults(trained):
+    data_dir, out = trained  # as one written before they were stored
     for kind in ("vae", "ae"):
-        rewrite_checkpoint(out / "checkpoints" / f"{kind}.pt", lambda checkpoint: checkpoint.pop("args"))
-    assert main.main(flags(data_dir, out, 1, "--eval"))["vae"]["flags"]["binarize"] == "none"
+        rewrite_checkpoint(out / "checkpoints" / f"{kind}.pt",
+                           lambda checkpoint: (checkpoint.pop("args"), checkpoint["config"].pop("condition")))
+    scores = main.main(flags(data_dir, out, 1, "--eval", "--no-figures"))
+    assert scores["vae"]["flags"]["binarize"] == "none" and "condition" not in scores["vae"]["config"]
 
 
 def test_compare_checks_the_files_it_reads_before_it_writes_and_refuses_other_datasets(trained, capsys):
