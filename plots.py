@@ -22,7 +22,7 @@ from torch import nn
 
 import metrics
 import utils
-from models import NUM_CLASSES, ResBlock, SelfAttention, build_model
+from models import NUM_CLASSES, VAE, ResBlock, SelfAttention, build_model
 from utils import IMAGE_SIDE
 
 
@@ -453,7 +453,7 @@ def write_explorer(models, configs, codes, axes_of, samplers, scores, test, data
                  "images": image_bytes(images[:count])},
         "initialPair": list(pick_pairs(labels[:count], dataset.interpolation_pairs)[0]),
         "models": [explorer_model(name, model, configs[name], codes[name], axes_of[name],
-                                  variances if name == "VAE" else None, count=count,
+                                  variances if name == "VAE" else None, test, count=count,
                                   grid_side=grid_side) for name, model in models.items()],
         "samplers": [explorer_sampler(label, model, prior, models, configs, count=samples)
                      for label, (model, prior) in samplers.items()],
@@ -483,19 +483,25 @@ def tab10_colors():
     return [to_hex(color) for color in colormaps["tab10"].colors]  # latent_scatter.png's classes
 
 
-def explorer_model(name, model, config, codes, axes, variances, *, count, grid_side):
+def explorer_model(name, model, config, codes, axes, variances, test, *, count, grid_side):
     """One model's part of the page: its plane, the codes (N, D) of the first `count` test
-    images, its decoder (MLP layers) or else a grid of decodes, and for the VAE its most active
+    images (test: images and labels) and the VAE's posterior log-variances of them, its encoder
+    and decoder (MLP layers) or else a grid of decodes, and for the VAE its most active
     dimensions."""
     codes = codes.detach().float().cpu()
     plane = latent_plane(codes, axes.detach().float().cpu())
-    layers = decoder_layers(model) if runs_in_page(model, config) else None
-    grid = None if layers else plane_grid(model, plane, grid_side * 3 // 5 if model.label_dim
-                                          else grid_side)
+    live = runs_in_page(model, config)
+    grid = None if live else plane_grid(model, plane, grid_side * 3 // 5 if model.label_dim
+                                        else grid_side)
+    logvars = metrics.posteriors_of(model, test[0][:count], test[1][:count])[1] \
+        if isinstance(model, VAE) else None
     return {"name": name, "latentDim": codes.shape[1], "arch": config.arch,
-            "conditional": bool(model.label_dim), **plane, "axisNames": list(axis_names(
-                codes.shape[1])), "codes": base64_of(codes[:count], "<f4"), "layers": layers,
-            "grid": grid, "activeDims": active_dimensions(variances) if variances else []}
+            "conditional": bool(model.label_dim), "variational": logvars is not None, **plane,
+            "axisNames": list(axis_names(codes.shape[1])), "codes": base64_of(codes[:count], "<f4"),
+            "logvars": None if logvars is None else base64_of(logvars, "<f4"),
+            "layers": decoder_layers(model) if live else None,
+            "encoder": encoder_layers(model) if live else None, "grid": grid,
+            "activeDims": active_dimensions(variances) if variances else []}
 
 
 def latent_plane(codes, axes):
@@ -510,25 +516,40 @@ def latent_plane(codes, axes):
 
 
 def runs_in_page(model, config):
-    """Whether the page can run this decoder itself: an MLP, Linear and ReLU layers only."""
-    return config.arch == "mlp" and isinstance(model.decoder, nn.Sequential) and all(
-        isinstance(layer, (nn.Linear, nn.ReLU)) for layer in model.decoder)
+    """Whether the page can run this encoder and decoder itself: MLPs, Linear and ReLU only."""
+    return config.arch == "mlp" and all(
+        isinstance(network, nn.Sequential) and all(isinstance(layer, (nn.Linear, nn.ReLU))
+                                                   for layer in network)
+        for network in (model.encoder, model.decoder))
 
 
 def decoder_layers(model):
-    """The MLP decoder as [{"in", "out", "relu", "dtype", "weight", "bias"}], each weight (in, out)
-    row-major so that the page adds one input's row at a time, skipping the zeros of a ReLU.
-    Measured on the reference pair: float16 keeps the page at 2.8 MB (float32: 4.5 MB) and its
-    decodes within 0.3/255 of torch's, in Chromium, at test codes, N(0, I) draws and the AE's
-    fitted Gaussian; the first layer (D x hidden: small, and fed z itself) stays float32, which
-    halves that error (float16 throughout: 0.57/255)."""
+    """The MLP decoder for the page (mlp_layers). Measured on the reference pair: float16 keeps
+    the page small (2.8 MB against 4.5 MB in float32, before the encoders) and its decodes within
+    0.3/255 of torch's, in Chromium, at test codes, N(0, I) draws and the AE's fitted Gaussian;
+    the first layer (D x hidden: small, and fed z itself) stays float32, which halves that error
+    (float16 throughout: 0.57/255)."""
+    return mlp_layers(model.decoder, exact=0)
+
+
+def encoder_layers(model):
+    """The MLP encoder for the page (mlp_layers): the first layers (784 x hidden: most of the
+    weights) in float16, the last (hidden x D, which makes the code) in float32: the codes of
+    5,000 test images within 0.9e-3 of torch's for the reference pair (float16 throughout:
+    1.9e-3)."""
+    return mlp_layers(model.encoder, exact=-1)
+
+
+def mlp_layers(sequential, *, exact):
+    """An MLP as [{"in", "out", "relu", "dtype", "weight", "bias"}], each weight (in, out)
+    row-major, so that the page adds one input's row at a time, skipping the zeros of a ReLU;
+    float16 weights but those of the Linear layer at index `exact`, float32."""
+    linear = [layer for layer in sequential if isinstance(layer, nn.Linear)]
     layers = []
-    for layer in model.decoder:
-        if isinstance(layer, nn.ReLU):
-            layers[-1]["relu"] = True
-            continue
-        dtype = "<f2" if layers else "<f4"
-        layers.append({"in": layer.in_features, "out": layer.out_features, "relu": False,
+    for index, layer in enumerate(linear):
+        dtype = "<f4" if index == range(len(linear))[exact] else "<f2"
+        layers.append({"in": layer.in_features, "out": layer.out_features,
+                       "relu": index < len(linear) - 1,  # a ReLU after every Linear but the last
                        "dtype": {"<f2": "float16", "<f4": "float32"}[dtype],
                        "weight": base64_of(layer.weight.T, dtype),
                        "bias": base64_of(layer.bias, "<f4")})

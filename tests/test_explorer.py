@@ -25,7 +25,7 @@ import metrics
 import plots
 import utils
 from conftest import FAST_SCORES, make_synthetic_mnist
-from models import ModelConfig, build_model
+from models import VAE, ModelConfig, build_model
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
@@ -183,6 +183,100 @@ def test_a_conditional_page_decodes_like_torch_with_the_label_asked_for_and_its_
     assert not console_errors(browser)
 
 
+def torch_codes(model, pixels, label=None):
+    with torch.no_grad():
+        out = model.encoder(model.with_label(torch.tensor(pixels, dtype=torch.float32), label)).double().numpy()
+    return {"mu": out[:, :model.latent_dim], "logvar": out[:, model.latent_dim:]} if isinstance(model, VAE) \
+        else {"mu": out}
+
+
+@pytest.mark.parametrize("name", ["both", "conditional"])
+def test_the_page_encodes_like_torch(browser, pages, name):
+    path, trained = pages[name]
+    open_page(browser, path)
+    pixels = torch.rand(6, 784, generator=torch.Generator().manual_seed(3)).tolist()
+    label = 4 if name == "conditional" else None
+    for model_name, model in trained.items():
+        got = browser.execute_script("return arguments[0].map(p => window.explorer.encode(arguments[1], p, arguments[2]))",
+                                     pixels, model_name, label)
+        expected = torch_codes(model, pixels, label)
+        assert set(got[0]) == set(expected), model_name  # the VAE's {mu, logvar}, the AE's {mu}
+        for key, values in expected.items():
+            assert np.abs(np.array([code[key] for code in got]) - values).max() < 1e-3, (model_name, key)
+    assert not console_errors(browser)
+
+
+def draw_stroke(driver, points):
+    """A stroke of pointer events on the drawing pad, through `points` (x, y) in its 224 x 224 pixels."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    pad = driver.find_element("id", "drawing-pad")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)  # a pointer reaches only what is seen
+    x, y = points[0]
+    actions = ActionChains(driver).move_to_element_with_offset(pad, x - 112, y - 112).click_and_hold()
+    for next_x, next_y in points[1:]:
+        actions = actions.move_by_offset(next_x - x, next_y - y)
+        x, y = next_x, next_y
+    actions.release().perform()
+
+
+SEVEN = [(60, 50), (170, 50), (150, 100), (120, 160), (105, 195)]  # a 7, in the pad's pixels
+
+
+def test_a_drawn_digit_is_encoded_by_both_models_and_shown_on_both_planes(browser, pages):
+    open_page(browser, pages["both"][0])
+    planes = {name: browser.execute_script(
+        f"return document.querySelector('canvas.plane[data-model=\"{name}\"]').toDataURL()") for name in ("VAE", "AE")}
+    blank = canvas_image(browser, "drawn-VAE")
+    draw_stroke(browser, SEVEN)
+    drawing, codes = browser.execute_script("return [window.explorer.drawing(), window.explorer.drawnCodes()]")
+    pixels = np.array(drawing).reshape(28, 28)
+    rows, columns = np.nonzero(pixels > 0.05)
+    assert 0 < pixels.max() <= 1 and max(np.ptp(rows), np.ptp(columns)) <= 20  # scaled into 20 x 20, as MNIST
+    mass = pixels.sum()
+    assert abs((pixels.sum(1) * np.arange(28)).sum() / mass - 14) <= 1  # centred by its mass
+    assert abs((pixels.sum(0) * np.arange(28)).sum() / mass - 14) <= 1
+    assert set(codes) == {"VAE", "AE"} and set(codes["VAE"]) == {"mu", "logvar"} and set(codes["AE"]) == {"mu"}
+    for name, model in pages["both"][1].items():
+        assert np.abs(np.array(codes[name]["mu"]) - torch_codes(model, [drawing])["mu"][0]).max() < 1e-3
+        assert canvas_image(browser, f"drawn-{name}") != blank
+        assert browser.execute_script(
+            f"return document.querySelector('canvas.plane[data-model=\"{name}\"]').toDataURL()") != planes[name]
+    browser.find_element("id", "clear-drawing").click()
+    assert browser.execute_script("return window.explorer.drawnCodes()") is None
+    assert not console_errors(browser)
+
+
+def test_a_selected_dot_shows_its_posterior_and_a_click_on_empty_plane_pins_the_cursor(browser, pages):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, pages["both"][0])
+    plane = browser.find_element("css selector", 'canvas.plane[data-model="VAE"]')
+    before = browser.execute_script("return arguments[0].toDataURL()", plane)
+    x, y = browser.execute_script("return window.explorer.dotPixel('VAE', 9)")
+    ActionChains(browser).move_to_element_with_offset(plane, round(x - 190), round(y - 190)).click().perform()
+    index = browser.execute_script("return window.explorer.selected()")
+    posterior = browser.execute_script("return window.explorer.posterior('VAE')")
+    assert index != 0 and posterior["sd"][0] >= posterior["sd"][1] > 0  # the ellipses' half axes, in sd
+    assert browser.execute_script("return window.explorer.posterior('AE')") is None  # the AE: one code
+    assert browser.execute_script("return arguments[0].toDataURL()", plane) != before
+    draws = canvas_image(browser, "posterior-draw-0")
+    browser.find_element("id", "redraw").click()
+    assert canvas_image(browser, "posterior-draw-0") != draws
+    ActionChains(browser).move_to_element_with_offset(plane, -185, -185).click().perform()  # a corner: no dot
+    pinned = browser.execute_script("return window.explorer.cursor()")
+    assert browser.execute_script("return window.explorer.pinned()") and "pinned" in browser.find_element(
+        "id", "pinned-VAE").text
+    ActionChains(browser).move_to_element_with_offset(plane, 60, 60).perform()
+    assert browser.execute_script("return window.explorer.cursor()") == pinned  # it stays where it was pinned
+    plane.send_keys(Keys.ARROW_RIGHT)
+    assert browser.execute_script("return window.explorer.cursor()")["u"] > pinned["u"]
+    plane.send_keys(Keys.ESCAPE)
+    assert not browser.execute_script("return window.explorer.pinned()")
+    assert not console_errors(browser)
+
+
 def test_a_conv_page_decodes_the_nearest_grid_point_and_says_so(browser, pages):
     path, trained = pages["conv"]
     open_page(browser, path)
@@ -196,6 +290,7 @@ def test_a_conv_page_decodes_the_nearest_grid_point_and_says_so(browser, pages):
         assert np.abs(page_decodes(browser, name, z) - torch_images(trained[name], z)).max() <= ONE_LEVEL
         note = browser.find_element("css selector", f"#card-{name} .note").text
         assert "convolutional" in note and f"{side} x {side} grid" in note
+    assert "Drawing needs the MLP" in browser.find_element("id", "drawing-sub").text
     assert not console_errors(browser)
 
 
@@ -399,21 +494,30 @@ def test_one_model_draws_one_panel_and_each_config_its_own_picture(tmp_path):
 
 # ------------------------------------------------------------------ the README's screenshot
 
-def screenshot(page, out, *, width=1400, height=900):
-    """Open `page`, point at the VAE's plane (else the first), print the decode time, save `out`."""
+def screenshot(page, out, *, width=1400, height=1180):
+    """Open `page`, draw a 7 on the pad, select a test image, point at the VAE's plane (else the
+    first), print the times of a decode and an encode, save `out`."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     os.environ["SE_AVOID_STATS"] = "true"
     driver = start_chromium(width=width, height=height)
     try:
         open_page(driver, page)
+        draw_stroke(driver, SEVEN)
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.execute_script("window.explorer.select(arguments[0])", 3)
         planes = driver.find_elements("css selector", "canvas.plane")
         plane = next((p for p in planes if p.get_attribute("data-model") == "VAE"), planes[0])
-        ActionChains(driver).move_to_element_with_offset(plane, 62, -48).perform()
+        ActionChains(driver).move_to_element_with_offset(plane, 120, -120).perform()
         for name in driver.execute_script("return window.explorer.models"):
             if driver.execute_script("return window.explorer.live(arguments[0])", name):
                 median, mean = decode_milliseconds(driver, name)
-                print(f"{name}: one decode {median:.2f} ms (median of 200), {mean:.3f} ms (mean of 200)")
+                encode = driver.execute_script("""const pixels = window.explorer.drawing(), count = 200;
+                    const start = performance.now();
+                    for (let k = 0; k < count; k++) window.explorer.encode(arguments[0], pixels);
+                    return (performance.now() - start) / count;""", name)
+                print(f"{name}: one decode {median:.2f} ms (median of 200), {mean:.3f} ms (mean of 200); "
+                      f"one encode {encode:.3f} ms (mean of 200)")
         errors = console_errors(driver)
         driver.save_screenshot(str(out))
     finally:
