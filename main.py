@@ -353,9 +353,8 @@ def resume_training(saved, args, device):
     model, flags = saved.model, saved.flags
     optimizer = utils.make_optimizer(model, flags["lr"], device)
     order, draws = (torch.Generator(device).manual_seed(flags["seed"] + k) for k in (0, 1))
-    # the checkpoint's names for the generators: "shuffle" the batch order, "noise" the draws
     training.restore_training_state(saved.checkpoint, saved.path, optimizer,
-                                    {"shuffle": order, "noise": draws}, device)
+                                    {"order": order, "draws": draws}, device)
     history = saved.checkpoint["history"]
     print(f"{MODEL_NAMES[saved.kind]}: resuming {saved.path} after epoch {len(history)} (its lr, "
           f"batch size and seed; --epochs {args.epochs} is the new total)")
@@ -471,7 +470,7 @@ def checkpoint_of(trainee, epochs, device):
         "epoch": len(trainee.history),
         "history": trainee.history,
         "args": {**trainee.flags, "epochs": epochs},  # its flags, for --resume and --eval
-        "rng": {"shuffle": trainee.order.get_state(), "noise": trainee.draws.get_state()},
+        "rng": {"order": trainee.order.get_state(), "draws": trainee.draws.get_state()},
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         **({"discriminator": trainee.discriminator_step.state()}

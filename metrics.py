@@ -1,7 +1,7 @@
 """Every number in metrics.json: the losses, the reconstructions' errors, the codes' statistics,
 the IWAE bound on -log p(x), the sample scores, and the small CNN behind those scores, which never
-trains the VAE or the AE. Draws nothing and writes only the classifiers' caches: the scoring CNN's
-and, trained the same way but another network, the perceptual loss's (models.PerceptualNet)."""
+trains the VAE or the AE. Draws no picture and writes only the classifiers' caches: the scoring
+CNN's and, trained the same way but another network, the perceptual loss's (models.PerceptualNet)."""
 import itertools
 import math
 from pathlib import Path
@@ -199,9 +199,10 @@ def iwae_nll(model, images, num_samples, labels=None, *, seed=0, batch_size=10, 
     -log p(x | y), given the labels (N,). An upper bound on the NLL that tightens as K grows;
     K = 1 is the negative ELBO. The noise is drawn on the CPU, `batch_size` images and
     `chunk_size` samples at a time, in the same order on every device; a CPU decodes one such
-    batch a call (1,000 rows stay in its caches: 2x faster than 5,000), a GPU up to 100 at once
-    (per_call; None: by the device); the weights are summed with a running logsumexp in float64
-    on the CPU, one block of batches at a time, so memory stays bounded whatever K is."""
+    batch a call (1,000 rows stay in its caches: 2x faster than 5,000), a GPU up to 20,000 rows
+    at once (per_call batches; None: by the device); the weights are summed with a running
+    logsumexp in float64 on the CPU, one block of batches at a time, so memory stays bounded
+    whatever K is."""
     total, steps = 0.0, math.ceil(len(images) / batch_size)
     with iwae_progress(steps, f"IWAE bound, {num_samples} samples", progress) as bar:
         for log_mean in iwae_log_means(model, images, num_samples, labels, bar, seed=seed,
@@ -237,8 +238,9 @@ def iwae_log_means(model, images, num_samples, labels, bar, *, seed, batch_size=
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     if per_call is None:
-        per_call = 1 if images.device.type == "cpu" else \
-            max(1, min(100, 2**24 // (batch_size * num_samples * model.latent_dim)))
+        per_call = 1 if images.device.type == "cpu" else max(1, min(  # rows a decoder call, noise
+            20_000 // (batch_size * min(chunk_size, num_samples)),
+            2**24 // (batch_size * num_samples * model.latent_dim)))
     for block, block_labels in batches_of(images, labels, batch_size * per_call):
         sizes = [len(batch) for batch in batches(block, batch_size)]
         eps = [[torch.randn(min(chunk_size, num_samples - drawn), size, model.latent_dim,
@@ -293,13 +295,13 @@ def knn_accuracy(codes, labels, k=5, batch_size=500):
     Euclidean, majority vote (ties go to the smaller label). 500 rows of distances at a time: 1.6x
     faster than 1,000 on a CPU."""
     codes, labels = codes.float(), labels.to(codes.device)
-    correct = 0  # a tensor on the codes' device once summed: read once, at the end
+    correct, classes = 0, int(labels.max()) + 1  # correct: summed on the device, read at the end
     for start in range(0, len(codes), batch_size):
         distances = torch.cdist(codes[start:start + batch_size], codes)  # (b, N)
         rows = torch.arange(len(distances), device=codes.device)
         distances[rows, start + rows] = math.inf  # not its own neighbour
         neighbours = labels[distances.topk(k, largest=False).indices]  # (b, k)
-        votes = torch.zeros(len(neighbours), int(labels.max()) + 1, device=codes.device)
+        votes = torch.zeros(len(neighbours), classes, device=codes.device)
         votes.scatter_add_(1, neighbours, torch.ones_like(neighbours, dtype=votes.dtype))
         correct = correct + (votes.argmax(dim=1) == labels[start:start + batch_size]).sum()
     return int(correct) / len(codes)
@@ -634,8 +636,11 @@ def comparison_row(scores, kind, path, fix):
 
 def comparison_basis(scores, kind, path, fix):
     """What must be the same for two runs' numbers to compare: the dataset, the targets
-    (--binarize), the samples each sample score counts and the IWAE bound's samples (VAE)."""
+    (--binarize), whether the models are given the label (their losses are then -log p(x | y)),
+    the samples each sample score counts and the IWAE bound's samples (VAE)."""
     return {"dataset": read_field(scores, ("dataset",), str, path, fix),
+            "--condition": read_field(scores, (kind, "config", "condition"), str, path, fix,
+                                      optional=True) or "none",  # older files: unconditional
             "--binarize": read_field(scores, (kind, "binarize"), str, path, fix),
             "--quality-samples": read_field(scores, ("quality_samples",), int, path, fix),
             "--nll-samples": read_field(scores, (kind, "test_nll_iwae", "samples"), int, path, fix,

@@ -146,12 +146,12 @@ class VAE(Autoencoder):
         """
         mu, logvar = self.posterior(x, labels)  # (B, D) each
         eps = standard_normal((num_samples, *mu.shape), generator, mu) if eps is None \
-            else eps.to(mu.device)  # (K, B, D)
+            else moved(eps, mu.device)  # (K, B, D)
         z = reparameterize(mu, logvar, eps=eps)  # (K, B, D)
-        repeated = None if labels is None else label_vectors(labels, len(x), NUM_CLASSES, mu) \
-            .repeat(num_samples, 1)  # (K * B, 10): each z_k with its image's label
-        logits = self.decode(z.reshape(-1, self.latent_dim), repeated).reshape(num_samples, len(x),
-                                                                                -1)
+        if labels is not None:  # each z_k decoded with its image's label: (K * B, 10)
+            labels = label_vectors(labels, len(x), NUM_CLASSES, mu).repeat(num_samples, 1)
+        logits = self.decode(z.reshape(-1, self.latent_dim), labels)  # (K * B, 784)
+        logits = logits.reshape(num_samples, len(x), -1)  # (K, B, 784)
         log_likelihood = -bernoulli_nll_per_image(logits, x)  # log p(x | z): (K, B)
         log_prior = -0.5 * z.pow(2).sum(dim=2)  # log p(z) + const
         log_posterior = -0.5 * (eps.pow(2) + logvar).sum(dim=2)  # log q(z | x) + the same const
@@ -181,7 +181,16 @@ def standard_normal(shape, generator, like):
     """N(0, I) draws of `shape`, made where `generator` lives (a CPU one gives the same draws on
     every device) and moved to the device and dtype of the tensor `like`."""
     device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    return moved(torch.randn(shape, generator=generator, device=device, dtype=like.dtype),
+                 like.device)
+
+
+def moved(tensor, device):
+    """`tensor` on `device`; from the CPU to a GPU through pinned memory, so that the copy waits
+    for nothing the GPU has queued before it."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def kl_to_standard_normal(mu, logvar):

@@ -637,7 +637,7 @@ ARCH_TITLES = {"conv": " (convolutional)", "resnet": " (residual blocks, attenti
 
 def model_steps(config):
     """(encoder steps, decoder steps) of the model `config` builds, each [label, output size], from
-    the model itself run on one blank image (on the CPU: the meta device's first use costs a second),
+    the model itself run on one blank image on the CPU (the meta device's first use costs a second),
     its random initial weights drawn outside torch's global random state."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         model = build_model(config).eval()
@@ -648,7 +648,7 @@ def model_steps(config):
 
 
 def layer_steps(sequential, x):
-    """Run x (a meta tensor) through `sequential`'s layers: ([label, output size] per Linear or
+    """Run x (one blank input) through `sequential`'s layers: ([label, output size] per Linear or
     convolution, a ReLU or a reshape after it joined to it; the output)."""
     steps = []
     for layer in diagram_layers(sequential):

@@ -71,18 +71,19 @@ def score(saved, models, data, dataset, run_args, phases):
     return scores, codes, samplers
 
 
-def iwae_scores(vae, targets, labels, samples):
-    """The VAE's IWAE bound on -log p(x); a conditional VAE's summed over the labels, and its
-    -log p(x | y) given each image's label too."""
+def iwae_scores(vae, targets, labels, count):
+    """The VAE's IWAE bound on -log p(x) with `count` importance samples; a conditional VAE's
+    summed over the labels (`count` samples each), and its -log p(x | y) given each image's
+    label too."""
     if not vae.label_dim:
-        return {"test_nll_iwae": {"nats": metrics.iwae_nll(vae, targets, samples, progress=True),
-                                  "samples": samples}}
-    return {"test_nll_iwae": {"nats": metrics.iwae_nll_over_labels(vae, targets, samples,
+        return {"test_nll_iwae": {"nats": metrics.iwae_nll(vae, targets, count, progress=True),
+                                  "samples": count}}
+    return {"test_nll_iwae": {"nats": metrics.iwae_nll_over_labels(vae, targets, count,
                                                                    progress=True),
-                              "samples": samples, "summed_over_labels": NUM_CLASSES},
+                              "samples": count, "summed_over_labels": NUM_CLASSES},
             "test_nll_given_label_iwae": {
-                "nats": metrics.iwae_nll(vae, targets, samples, labels, progress=True),
-                "samples": samples}}
+                "nats": metrics.iwae_nll(vae, targets, count, labels, progress=True),
+                "samples": count}}
 
 
 def training_record(saved, num_train_images):

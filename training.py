@@ -150,6 +150,7 @@ class DiscriminatorStep:
 # ---------------------------------------------------------------------------- resuming
 
 RESTORE_ERRORS = (AttributeError, KeyError, TypeError, ValueError, RuntimeError)  # a damaged state
+EARLIER_NAMES = {"order": "shuffle", "draws": "noise"}  # the generators' names in older checkpoints
 
 
 def restore_training_state(checkpoint, path, optimizer, generators, device):
@@ -162,7 +163,7 @@ def restore_training_state(checkpoint, path, optimizer, generators, device):
         rng, trained_on = checkpoint.get("rng"), torch.device(checkpoint.get("device", "cpu"))
         if trained_on.type == device.type:
             for name, generator in generators.items():
-                generator.set_state(rng[name])
+                generator.set_state(rng[name] if name in rng else rng[EARLIER_NAMES[name]])
         else:
             print(f"note: {path} trained on {trained_on.type}; on {device.type} its batch order "
                   "and its draws start again from its seed, so the run goes on, but not bit for "

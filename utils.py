@@ -238,7 +238,8 @@ def use_device(device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else
+                              torch.cuda.current_device())  # "cuda" names no index
 
 
 def make_optimizer(module, lr, device, **settings):

@@ -277,20 +277,24 @@ def test_the_iwae_bound_draws_the_same_noise_however_many_batches_a_call_decodes
 
 
 def test_float64_work_is_done_on_the_cpu_by_construction():
-    """Apple's GPU has no float64: every float64 tensor of the scoring is made from one moved to the CPU
-    (`.cpu()` before `.double()`), or made on the CPU (no device given)."""
+    """Apple's GPU has no float64: every cast to float64 (`.double()`, `.to(torch.float64)`) is of a tensor
+    moved to the CPU (`.cpu()` before it), and every float64 tensor made is made on the CPU (no device given)."""
     import ast
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for name in ("models", "metrics", "plots", "report", "training"):
+    for name in ("models", "metrics", "plots", "report", "training", "utils", "checkpoint_files", "main"):
         source = (root / f"{name}.py").read_text()
         for node in (node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)):
-            if isinstance(node.func, ast.Attribute) and node.func.attr == "double":
-                assert ".cpu()" in ast.get_source_segment(source, node.func.value), \
-                    f"{name}.py:{node.lineno}: .double() of a tensor not moved to the CPU"
             arguments = [*node.args, *(keyword.value for keyword in node.keywords)]
-            if any(isinstance(argument, ast.Attribute) and argument.attr == "float64" for argument in arguments):
+            float64 = any(isinstance(argument, ast.Attribute) and argument.attr in ("float64", "double")
+                          for argument in arguments)
+            cast = isinstance(node.func, ast.Attribute) and (node.func.attr == "double" or
+                                                             node.func.attr == "to" and float64)
+            if cast:
+                assert ".cpu()" in ast.get_source_segment(source, node.func.value), \
+                    f"{name}.py:{node.lineno}: a cast to float64 of a tensor not moved to the CPU"
+            elif float64:
                 assert not any(keyword.arg == "device" for keyword in node.keywords), f"{name}.py:{node.lineno}"
 
 

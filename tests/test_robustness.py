@@ -710,6 +710,10 @@ def test_compare_checks_the_files_it_reads_before_it_writes_and_refuses_other_da
                                                                                        "dataset": "fashion-mnist"}))
     code, printed = run_expecting_error(compare, capsys)
     assert code == 1 and "was scored with dataset mnist" in printed and "with fashion-mnist: their numbers" in printed
+    conditional = {**scores, "vae": {**scores["vae"], "config": {**scores["vae"]["config"], "condition": "label"}}}
+    (out / "figures" / "comparison" / "fashion" / "metrics.json").write_text(json.dumps(conditional))
+    code, printed = run_expecting_error(compare, capsys)  # -log p(x | y) is no -log p(x)
+    assert code == 1 and "with --condition none" in printed and "compare runs of one --condition" in printed
     assert written.read_bytes() == before
 
 
@@ -743,6 +747,29 @@ def test_a_resume_on_another_kind_of_device_says_what_it_cannot_continue(capsys)
     printed = capsys.readouterr().out
     assert printed.startswith("note: ck/vae.pt trained on cuda; on cpu its batch order and its draws start again")
     assert torch.equal(order.get_state(), torch.Generator().manual_seed(5).get_state())  # from its seed
+
+
+def test_the_generator_states_of_an_older_checkpoint_still_restore():
+    model = torch.nn.Linear(3, 2)
+    optimizer = utils.make_optimizer(model, 1e-3, torch.device("cpu"))
+    saved = {name: torch.Generator().manual_seed(seed).get_state() for name, seed in (("shuffle", 1), ("noise", 2))}
+    order, draws = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    checkpoint = {"optimizer": optimizer.state_dict(), "device": "cpu", "rng": saved}  # their earlier names
+    training.restore_training_state(checkpoint, "vae.pt", optimizer, {"order": order, "draws": draws},
+                                    torch.device("cpu"))
+    assert torch.equal(order.get_state(), saved["shuffle"]) and torch.equal(draws.get_state(), saved["noise"])
+
+
+def test_the_chosen_gpu_is_made_the_current_one_by_its_index(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with torch.backends.cudnn.flags(allow_tf32=True):
+        utils.use_device(torch.device("cuda"))  # --device cuda and auto name no index
+        utils.use_device(torch.device("cuda:3"))
+        assert not torch.backends.cudnn.allow_tf32  # no TF32 in float32 work
+    assert chosen == [0, 3]
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def test_a_gpu_that_lacks_an_operation_is_one_line_naming_it_and_the_way_out(monkeypatch):
