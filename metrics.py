@@ -1,7 +1,8 @@
 """Every number in metrics.json: the losses, the reconstructions' errors, the codes' statistics,
 the IWAE bound on -log p(x), the sample scores, and the small CNN behind those scores, which never
 trains the VAE or the AE. Draws no picture and writes only the classifiers' caches: the scoring
-CNN's and, trained the same way but another network, the perceptual loss's (models.PerceptualNet)."""
+CNN's and, trained the same way but another network, the perceptual loss's
+(models.PerceptualNet)."""
 import itertools
 import math
 from pathlib import Path

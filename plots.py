@@ -87,7 +87,8 @@ def plot_generation(samplers, path, *, n_side=8, seed=0):
         show(ax, grid_image(images, n_side), label.replace("Gaussian fitted", "\nGaussian fitted"))
     asked = any(model.label_dim for model, _ in samplers.values())
     figure.suptitle(f"{n_side * n_side} decoded samples per sampler (the same noise for each"
-                    f"{'; labels asked for drawn uniformly, the same for each' * asked})", fontsize=12)
+                    f"{'; labels asked for drawn uniformly, the same for each' * asked})",
+                    fontsize=12)
     utils.save_figure(figure, path)
 
 
@@ -109,7 +110,8 @@ def plot_manifold(model, posterior_mean_variance, dataset, path, *, n_side=20):
     figure = Figure(figsize=(8, 8.4) if len(dims) == 2 else (8, 1.6), layout="constrained")
     ax = figure.subplots()
     label = MANIFOLD_LABEL if model.label_dim else None
-    show(ax, grid_image(metrics.decode_images(model, z.reshape(-1, model.latent_dim), label), n_side))
+    images = metrics.decode_images(model, z.reshape(-1, model.latent_dim), label)
+    show(ax, grid_image(images, n_side))
     if model.latent_dim <= 2:
         title = f"VAE with a {model.latent_dim}-D latent space: decoded grid over z"
     else:
