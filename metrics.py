@@ -15,7 +15,7 @@ from tqdm import tqdm
 import checkpoint_files
 import utils
 from models import (NUM_CLASSES, VAE, LatentGaussian, PerceptualNet, bernoulli_nll_per_image,
-                    fitted_covariance, kl_per_dimension, reparameterize)
+                    fitted_covariance, kl_per_dimension, label_vectors, reparameterize)
 from utils import IMAGE_SIDE
 
 CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
@@ -553,8 +553,9 @@ def interpolation_quality(model, codes, labels, classifier, reference_features, 
     t = torch.linspace(0, 1, steps, device=codes.device)[None, :, None]  # (1, steps, 1)
     path = lerp(ends[:, :1], ends[:, 1:], t)  # (P, steps, D)
     path_labels = midpoint_labels = None
-    if getattr(model, "label_dim", 0):
-        end_labels = F.one_hot(labels[pairs], NUM_CLASSES).float().to(codes.device)  # (P, 2, 10)
+    if model.label_dim:
+        end_labels = label_vectors(labels[pairs].flatten(), 2 * len(pairs), NUM_CLASSES, codes) \
+            .reshape(len(pairs), 2, NUM_CLASSES)  # (P, 2, 10)
         path_labels = lerp(end_labels[:, :1], end_labels[:, 1:], t).flatten(0, 1)
         midpoint_labels = end_labels.mean(dim=1)
     frames = decode_images(model, path.flatten(0, 1), path_labels).flatten(1) \

@@ -17,12 +17,11 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-import torch.nn.functional as F
 from torch import nn
 
 import metrics
 import utils
-from models import NUM_CLASSES, VAE, ResBlock, SelfAttention, build_model
+from models import NUM_CLASSES, VAE, ResBlock, SelfAttention, build_model, label_vectors
 from utils import IMAGE_SIDE
 
 
@@ -145,7 +144,7 @@ def plot_interpolation(models, codes, images, labels, dataset, path, *, steps=10
         ends = codes[name][[a, b]]  # (2, latent_dim)
         t = torch.linspace(0, 1, steps, device=ends.device)[:, None]  # (steps, 1)
         line = metrics.lerp(ends[0], ends[1], t)  # (steps, latent_dim)
-        end_labels = F.one_hot(labels[[a, b]], NUM_CLASSES).float().to(ends.device)  # (2, 10)
+        end_labels = label_vectors(labels[[a, b]], 2, NUM_CLASSES, ends)  # (2, 10)
         path_labels = metrics.lerp(end_labels[0], end_labels[1], t)  # (steps, 10)
         path_images = metrics.decode_images(model, line, path_labels)  # (steps, 1, 28, 28)
         real = images[[a, b]].reshape(2, 1, IMAGE_SIDE, IMAGE_SIDE)

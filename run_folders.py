@@ -47,9 +47,11 @@ def open_run(run_args, parser):
     present = [kind for kind, path in paths.items() if utils.is_file(path)]
     kinds = run_args.models or (present if run_args.eval and present else list(MODEL_NAMES))
     run_args = argparse.Namespace(**{**vars(run_args), "models": kinds})
-    # --eval reads every model it covers; --resume continues those saved, and starts the others
-    read = kinds if run_args.eval else [kind for kind in kinds if kind in present] \
-        if run_args.resume else []
+    read = []  # a new run reads none
+    if run_args.eval:
+        read = kinds
+    elif run_args.resume:  # it continues those saved, and starts the others afresh
+        read = [kind for kind in kinds if kind in present]
     saved = {kind: checkpoint_files.read_saved_model(paths[kind], kind, parser) for kind in read}
     name_decided_flags(run_args, saved)
     return RunFolder(run_args, saved)

@@ -222,6 +222,7 @@ def test_a_damaged_classifier_cache_says_to_delete_it(tmp_path):
 class PathDecoder(nn.Module):
     """decode(z) for 1-D codes in [0, 1]: every pixel's intensity 0.2 + 0.6 z (an even walk), or with jump=True
     pixel 0 bright below z = 0.5 and pixel 1 from there on (one step, one change of class)."""
+    label_dim = 0  # unconditional
 
     def __init__(self, jump):
         super().__init__()

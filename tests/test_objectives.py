@@ -8,7 +8,6 @@ from torch import nn
 
 import checkpoint_files
 import main
-import metrics
 import training
 from conftest import FAST_SCORES, run_expecting_error
 from models import (Discriminator, ModelConfig, PerceptualNet, TrainingObjective, adaptive_weight,
