@@ -21,12 +21,14 @@ is left out.
     python benchmark.py --precision bf16
     python benchmark.py --arch resnet --hidden-dim 128 --models vae   # (a) only: no tutorial twin
     python benchmark.py --models vae --perceptual-weight 1 --adversarial-weight 0.5   # (a) only
+    python benchmark.py --k 1 5 50 --hidden-layers 2 --latent-dim 50   # the IWAE bound's cost
 """
 import argparse
 import gzip
 import re
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,15 +45,23 @@ from models import ARCHITECTURES, ModelConfig, PerceptualNet, build_model
 PROJECT, TUTORIAL, FLOOR = ("(a) this project", "(b) tutorial DataLoader + ToTensor",
                             "(c) compute floor (matmuls only)")
 SIDE_BY_SIDE = "(a) side by side, as main.py trains"
+TUTORIAL_SHAPE = {"arch": "mlp", "hidden_dim": 400, "hidden_layers": 1, "latent_dim": 20,
+                  "perceptual_weight": 0.0, "adversarial_weight": 0.0}  # the tutorial's model
+
+
+def iwae_method(k):
+    return f"(a) --objective iwae --k {k}" + (" (the ELBO)" if k == 1 else "")
 
 
 def project_epoch(kind, train, batch_size, device, precision, bar_position=None, *,
-                  arch="mlp", hidden_dim=400, perceptual_weight=0.0, adversarial_weight=0.0):
-    model = build_model(ModelConfig(kind=kind, arch=arch, hidden_dim=hidden_dim)).to(device)
+                  perceptual_weight=0.0, adversarial_weight=0.0, **shape):
+    """(a): main.train_epoch of a new model; shape: ModelConfig's fields (arch, hidden_dim,
+    hidden_layers, latent_dim, objective, k)."""
+    model = build_model(ModelConfig(kind=kind, **shape)).to(device)
     optimizer = utils.make_optimizer(model, 1e-3, device)
     objective, discriminator_step = with_extra_terms(model, perceptual_weight, adversarial_weight,
                                                      device)
-    order, draws = (torch.Generator(device).manual_seed(0) for _ in range(2))
+    order, draws = training.model_generators(0, device)
     return lambda: main.train_epoch(objective, optimizer, *train, batch_size=batch_size,
                                     order=order, draws=draws, precision=precision,
                                     description=f"(a) {kind}", bar_position=bar_position,
@@ -164,18 +174,21 @@ def floor_epoch(kind, steps, batch_size, device, precision):
     return epoch
 
 
-def memory_mb(device, field):
-    """CUDA: memory allocated now ("VmRSS") or at its peak ("VmHWM") since the last reset. The
-    CPU (Linux): the process's resident set; elsewhere the peak so far for both."""
+def memory_mb(device, which):
+    """MiB in use "now" or at the "peak" since the last reset: on CUDA the tensors allocated; on
+    the CPU (Linux) the process's resident set (VmRSS, VmHWM); elsewhere (a Mac) the peak
+    resident set so far for both."""
     if device.type == "cuda":
-        allocated = torch.cuda.memory_allocated(device) if field == "VmRSS" else \
+        allocated = torch.cuda.memory_allocated(device) if which == "now" else \
             torch.cuda.max_memory_allocated(device)
         return allocated / 2**20
     try:
         status = Path("/proc/self/status").read_text()
+        field = "VmRSS" if which == "now" else "VmHWM"
         return int(re.search(field + r":\s+(\d+) kB", status).group(1)) / 2**10
     except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux and BSD: KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes; BSD: KiB
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def reset_peak_memory(device):
@@ -187,14 +200,14 @@ def reset_peak_memory(device):
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-    return memory_mb(device, "VmRSS")
+    return memory_mb(device, "now")
 
 
 def timed(run, device):
-    utils.sync(device)
+    utils.wait_for_queued_work(device)
     start = time.perf_counter()
     run()
-    utils.sync(device)
+    utils.wait_for_queued_work(device)
     return time.perf_counter() - start
 
 
@@ -203,13 +216,18 @@ def methods_to_time(args, train, root, device):
     side."""
     steps = -(-len(train[0]) // args.batch_size)
     methods, shape = {}, {"arch": args.arch, "hidden_dim": args.hidden_dim,
+                          "hidden_layers": args.hidden_layers, "latent_dim": args.latent_dim,
                           "perceptual_weight": args.perceptual_weight,
                           "adversarial_weight": args.adversarial_weight}
+    if args.k:  # the VAE on the IWAE bound at each K (K = 1: the ELBO), nothing else
+        return {("vae", iwae_method(k)): project_epoch("vae", train, args.batch_size, device,
+                                                       args.precision, objective="iwae", k=k,
+                                                       **shape) for k in args.k}
     for kind in args.models:
         methods[kind, PROJECT] = project_epoch(kind, train, args.batch_size, device,
                                                args.precision, **shape)
-        if args.arch != "mlp" or args.perceptual_weight > 0 or args.adversarial_weight > 0:
-            continue  # the tutorial and the floor are the plain MLP's
+        if shape != TUTORIAL_SHAPE:
+            continue  # the tutorial and the floor are the default MLP's: (a) alone
         if has_torchvision():
             methods[kind, TUTORIAL] = tutorial_epoch(kind, root, args.batch_size, device)
         methods[kind, FLOOR] = floor_epoch(kind, steps, args.batch_size, device, args.precision)
@@ -236,7 +254,7 @@ def time_methods(methods, repeats, device):
     for key, epoch in methods.items():
         in_use = reset_peak_memory(device)
         epoch()
-        peak = memory_mb(device, "VmHWM")
+        peak = memory_mb(device, "peak")
         memory[key] = peak, peak - in_use
     seconds = {key: [] for key in methods}
     for _ in range(repeats):
@@ -282,6 +300,13 @@ def main_benchmark(argv=None):
                         help="the models' architecture, as main.py --arch; not mlp: (a) only")
     parser.add_argument("--hidden-dim", type=main.number(int, 1), default=400,
                         help="as main.py --hidden-dim")
+    parser.add_argument("--hidden-layers", type=main.number(int, 1), default=1,
+                        help="as main.py --hidden-layers")
+    parser.add_argument("--latent-dim", type=main.number(int, 1), default=20,
+                        help="as main.py --latent-dim")
+    parser.add_argument("--k", nargs="+", type=main.number(int, 1), metavar="K",
+                        help="time (a) alone, for the VAE trained with --objective iwae at each K "
+                             "(1: the ELBO), and print each K's cost against the first's")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="of (a) and (c), as main.py --precision")
     parser.add_argument("--perceptual-weight", type=main.number(float, 0), default=0.0,
@@ -303,13 +328,17 @@ def main_benchmark(argv=None):
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, --arch {args.arch} --hidden-dim "
           f"{args.hidden_dim} --perceptual-weight {args.perceptual_weight:g} --adversarial-weight "
-          f"{args.adversarial_weight:g}, {args.precision} (a) and (c), "
+          f"{args.adversarial_weight:g} --hidden-layers {args.hidden_layers} --latent-dim "
+          f"{args.latent_dim}, {args.precision} (a) and (c), "
           f"batch {args.batch_size}, {steps} steps per epoch, median of {args.repeats} epochs each")
     with tempfile.TemporaryDirectory() as folder:
         methods = methods_to_time(args, train, stage_for_torchvision(args.data_dir, folder),
                                   device)
         median, memory = time_methods(methods, args.repeats, device)
     print_table(median, memory, args.models, len(images), steps)
+    for k in (args.k or [])[1:]:
+        ratio = median["vae", iwae_method(k)] / median["vae", iwae_method(args.k[0])]
+        print(f"VAE     --k {k}: {ratio:.2f}x the epoch of --k {args.k[0]}")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from models import MODEL_NAMES, ModelConfig, build_model
-from utils import ProjectError, first_line, write_atomically
+from utils import ProjectError, first_line, pick_device, write_atomically
 
 
 MODEL_FLAGS = [field.name for field in dataclasses.fields(ModelConfig)  # the fields a flag sets
                if field.name not in ("kind", "image_dim")]
 OBJECTIVE_FLAGS = ["perceptual_weight", "adversarial_weight", "adversarial_start"]
 # the flags a checkpoint goes on training with, whatever --resume says; metrics.json's "flags"
+DISCRIMINATOR_KEYS = ("discriminator", "adversary")  # where a checkpoint keeps it; its older name
 TRAINING_FLAGS = ["batch_size", "lr", "seed", "binarize", "kl_warmup", "lr_schedule", "precision",
                   *OBJECTIVE_FLAGS]
 
@@ -29,7 +30,15 @@ def load_model(path, device="cpu"):
         from checkpoint_files import load_model
         vae = load_model("checkpoints/vae.pt")
         digits = vae.sample(16)  # (16, 784) in [0, 1]
+
+    A device this machine lacks, or arguments of sample and reconstruct that do not fit the
+    model, are a ValueError that names the argument; a file that is no usable checkpoint is a
+    utils.ProjectError. Both are raised before any work.
     """
+    try:
+        device = pick_device(str(device))
+    except ProjectError as error:
+        raise ValueError(f"device: {error}") from None
     path = Path(path)
     config, model = restore_model(load_checkpoint(path), path)
     return model.to(device).eval()
@@ -87,10 +96,7 @@ def checkpoint_path(checkpoint_dir, kind):
 
 
 def save_checkpoint(path, checkpoint):
-    def write(temporary):
-        with open(temporary, "wb") as file:  # a file, not a path: a full disk raises OSError
-            torch.save(checkpoint, file)
-    write_atomically(path, write)
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
 def load_checkpoint(path, *, fix="retrain or restore it"):

@@ -49,7 +49,7 @@ import run_folders
 import training
 import utils
 from checkpoint_files import MODEL_FLAGS
-from models import ARCHITECTURES, CONDITIONS, MODEL_NAMES, ModelConfig, build_model
+from models import ARCHITECTURES, CONDITIONS, MODEL_NAMES, OBJECTIVES, ModelConfig, build_model
 
 IMPORT_SECONDS = time.perf_counter() - STARTED
 EVOLUTION_IMAGES = 1000  # test images whose codes each epoch keeps, for latent_evolution.gif
@@ -69,6 +69,12 @@ def parse_args(argv=None):
         parser.error(f"--binarize {args.binarize} with --perceptual-weight or "
                      "--adversarial-weight: those terms compare grey decodes with the training "
                      "images, which --binarize makes 0 or 1; use --binarize none with them")
+    if args.objective == "elbo" and (args.k or 1) > 1:
+        parser.error(f"--k {args.k} needs --objective iwae: the ELBO draws one z per image")
+    if args.objective == "iwae" and (args.perceptual_weight > 0 or args.adversarial_weight > 0):
+        parser.error("--objective iwae with --perceptual-weight or --adversarial-weight: those "
+                     "terms compare one decode per image; use --objective elbo with them")
+    args.k = args.k or (5 if args.objective == "iwae" else 1)
     try:
         utils.pick_device(args.device)  # before any data is read or torch starts its threads
     except utils.ProjectError as error:
@@ -111,6 +117,13 @@ def add_model_flags(group):
                             "residual blocks, --hidden-dim the linear layer to and from the code")
     group.add_argument("--beta", type=number(float, 0, above=True), default=1.0,
                        help="weight of the KL term in the VAE's training loss (1: the ELBO)")
+    group.add_argument("--objective", choices=OBJECTIVES, default="elbo",
+                       help="the VAE's training loss: elbo, the negative ELBO with one z per "
+                            "image; iwae, the negative IWAE bound with --k draws of z per image "
+                            "(Burda et al. 2015). The test losses stay the ELBO; the AE ignores it")
+    group.add_argument("--k", metavar="K", type=number(int, 1),
+                       help="draws of z per image for --objective iwae (default: 5 with iwae; "
+                            "1 is the ELBO itself)")
     group.add_argument("--condition", choices=CONDITIONS, default="none",
                        help="label: a conditional VAE and AE, whose encoder sees the image and its "
                             "label and whose decoder the code and the label (one-hot, beside "
@@ -242,15 +255,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ----------------------------------------------------------------------------------------- the run
 
 def main(argv=None):
+    with utils.torch_settings_kept():  # for a shell or a test that goes on after the run
+        return run_command(argv)
+
+
+def run_command(argv):
+    """main(): the run of one command line, its errors one line each."""
     args = parse_args(argv)
     phases = utils.Phases(IMPORT_SECONDS)
-    try:
-        with utils.StopRequest() as stop, run_folders.one_line_errors(args, phases):
-            results = run(args, phases, stop)
-    except utils.ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    print(phases.table())
+    # run as a script, a signal once the run has said how it ended is ignored while the process
+    # exits with the run's code; the start-up handler's line would be a second one, and false
+    as_script = signal.getsignal(signal.SIGINT) is stopped_before_the_run
+    with utils.StopRequest(afterwards=signal.SIG_IGN if as_script else None) as stop:
+        try:
+            with run_folders.one_line_errors(args, phases):
+                results = run(args, phases, stop)
+        except utils.ProjectError as error:
+            stop.saying_the_end()
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        stop.saying_the_end()
+        print(phases.table())
     return results
 
 
@@ -301,7 +326,8 @@ class Trainee:
     draws: torch.Generator  # the VAE's z and binarized pixels: each model its own
     flags: dict  # the flags it trains with: this run's, or the checkpoint's when resuming
     history: list
-    checkpoint: dict = None  # the last one saved, or the one resumed from
+    checkpoint: dict = None  # the last one saved, or the one resumed from: it holds the live
+    # weights and Adam's live moments (not a snapshot), so it is only read right after a save
     objective: torch.nn.Module = None  # what the loop trains: the model, or a TrainingObjective
     discriminator_step: training.DiscriminatorStep = None  # with --adversarial-weight
 
@@ -338,7 +364,7 @@ def start_training(kind, args, saved, device):
     torch.manual_seed(args.seed)  # each model's initial weights from the seed, whichever is first
     config = ModelConfig(kind=kind, **{flag: getattr(args, flag) for flag in MODEL_FLAGS})
     model = build_model(config).to(device)
-    order, draws = (torch.Generator(device).manual_seed(args.seed + k) for k in (0, 1))
+    order, draws = training.model_generators(args.seed, device)
     return Trainee(kind, checkpoint_files.checkpoint_path(args.checkpoint_dir, kind), config,
                    model, utils.make_optimizer(model, args.lr, device), order, draws,
                    flags={key: value for key, value in vars(args).items() if key != "given"},
@@ -352,7 +378,7 @@ def resume_training(saved, args, device):
                                  "--checkpoint-dir", exit_code=2)
     model, flags = saved.model, saved.flags
     optimizer = utils.make_optimizer(model, flags["lr"], device)
-    order, draws = (torch.Generator(device).manual_seed(flags["seed"] + k) for k in (0, 1))
+    order, draws = training.model_generators(flags["seed"], device)
     training.restore_training_state(saved.checkpoint, saved.path, optimizer,
                                     {"order": order, "draws": draws}, device)
     history = saved.checkpoint["history"]
@@ -389,10 +415,10 @@ def fit(trainee, args, data, stop, bar_position=None):
         except training.NonFiniteLoss as failure:
             raise utils.ProjectError(
                 f"{name} loss became NaN or infinite in epoch {epoch} by step {failure.step} "
-                f"(lr {lr:g}); {checkpoint_files.saved_epochs([trainee.path])}; try a lower "
-                "--lr") from None
+                f"(lr {lr:g}); {checkpoint_files.saved_epochs([trainee.path])}; "
+                f"{training.divergence_advice(flags)}") from None
         if train_parts is None:
-            raise utils.Stopped(stop.signal_name)
+            raise utils.Stopped(stop.reason)
         trainee.history.append(epoch_record(trainee.model, epoch, train_parts, test_targets,
                                             data["test"], started))
         if discriminator_step is not None:
@@ -442,8 +468,9 @@ def train_epoch(objective, optimizer, targets, labels, *, batch_size, order, dra
         if discriminator_step is not None:
             discriminator_step.step(batch, objective.decoded)  # on the decodes it just made
         losses.add(parts, len(batch))
-        if stop is not None and stop.signal_name:
-            return losses.close()
+        if stop is not None and stop.reason:
+            losses.close()
+            return None  # stopped: the caller ends the run
     return losses.means()
 
 
@@ -451,7 +478,7 @@ def epoch_record(model, epoch, train_parts, test_targets, test, started):
     """What the history keeps of an epoch: its losses, its seconds and, for the GIF, the codes
     of the first test images. The test loss is the one the report gives for these weights.
     test: the test images and labels."""
-    utils.sync(test_targets.device)
+    utils.wait_for_queued_work(test_targets.device)
     (images, labels), first = test, slice(0, EVOLUTION_IMAGES)
     record = {"epoch": epoch, "train": train_parts, "train_seconds": time.perf_counter() - started,
               "test": metrics.evaluate_loss(model, test_targets, labels)}
@@ -488,6 +515,4 @@ def print_epoch(name, record, epochs):
 if __name__ == "__main__":
     with utils.script_streams():  # a closed pipe, a full disk under stdout: never a traceback
         main()
-    for number in (signal.SIGINT, signal.SIGTERM):  # the run has ended: a signal now just ends it
-        signal.signal(number, signal.SIG_DFL)
     gc.freeze()  # Python's exit then skips a garbage collection over torch's objects (0.5 s)

@@ -66,7 +66,7 @@ LAPLACIAN = [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]
 def laplacian_energy(images):
     """(N, 784) images -> (N,): the mean squared Laplacian over the 26x26 interior (no padding,
     so that the border adds no edges)."""
-    kernel = torch.tensor(LAPLACIAN, device=images.device).reshape(1, 1, 3, 3)
+    kernel = torch.tensor(LAPLACIAN, dtype=torch.float32, device=images.device).reshape(1, 1, 3, 3)
     laplacian = F.conv2d(images.float().reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), kernel)
     return laplacian.pow(2).mean(dim=(1, 2, 3))
 
@@ -86,7 +86,7 @@ def evaluate_loss(model, images, labels=None, *, seed=0, batch_size=2000):
     conditional model is given."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    parts = [model(batch, batch_labels, generator=generator)[1]
+    parts = [model.terms(batch, batch_labels, generator=generator)[1]  # the ELBO, however trained
              for batch, batch_labels in batches_of(images, labels, batch_size)]
     values = torch.stack([torch.stack(list(part.values())) for part in parts]).tolist()  # one wait
     totals = {}
@@ -192,9 +192,12 @@ def ssim_index(local):
     return index.mean(dim=(1, 2)).float()
 
 
+IWAE_BATCH = 10  # images a batch of the IWAE bound: its noise is drawn in this order everywhere
+
+
 @torch.inference_mode()
-def iwae_nll(model, images, num_samples, labels=None, *, seed=0, batch_size=10, chunk_size=100,
-             progress=False, per_call=None):
+def iwae_nll(model, images, num_samples, labels=None, *, seed=0, batch_size=IWAE_BATCH,
+             chunk_size=100, progress=False, per_call=None):
     """The importance-weighted estimate of -log p(x) per image (nats), mean over `images` (Burda
     et al. 2015): -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); a conditional model's
     -log p(x | y), given the labels (N,). An upper bound on the NLL that tightens as K grows;
@@ -218,7 +221,7 @@ def iwae_nll_over_labels(model, images, num_samples, *, seed=0, progress=False, 
     """A conditional model's -log p(x), mean over `images`: p(x) = (1/10) sum_y p(x | y), with
     p(y) = 1/10 and each p(x | y) estimated as iwae_nll does, with `num_samples` samples and the
     same noise for every label. Comparable with an unconditional VAE's bound."""
-    log_means, steps = [], NUM_CLASSES * math.ceil(len(images) / 10)  # iwae_log_means' batch: 10
+    log_means, steps = [], NUM_CLASSES * math.ceil(len(images) / IWAE_BATCH)
     with iwae_progress(steps, f"IWAE bound, {num_samples} samples a label", progress) as bar:
         for label in range(NUM_CLASSES):
             labels = torch.full((len(images),), label)
@@ -233,7 +236,7 @@ def iwae_progress(steps, description, shown):
     return tqdm(total=steps, desc=description, leave=False, disable=None if shown else True)
 
 
-def iwae_log_means(model, images, num_samples, labels, bar, *, seed, batch_size=10,
+def iwae_log_means(model, images, num_samples, labels, bar, *, seed, batch_size=IWAE_BATCH,
                    chunk_size=100, per_call=None):
     """Each batch's log (1/K) sum_k w_k per image (B,), float64 on the CPU, batch after batch."""
     model.eval()
@@ -416,8 +419,13 @@ def scoring_classifier(dataset, data, phases):
     path = classifier_path(dataset)
     if path.exists():
         return load_classifier(path, data["train"][0].device, dataset)
+    device = data["train"][0].device
     print(f"training the classifier that scores samples (once for {utils.DATASETS[dataset].title};"
           f" cached in {path}) ...")
+    if device.type != "cpu":  # the same seed trains other weights on a GPU: other sample scores
+        print(f"note: trained on {device}, the classifier's weights differ from a CPU's, and so do "
+              "the sample scores it gives; to compare with the published numbers, keep the "
+              "committed checkpoints/classifier-mnist.pt")
     with phases("training the scoring classifier"):
         classifier, accuracy = train_classifier(*data["train"], *data["test"])
     save_classifier(path, classifier, accuracy, dataset)
@@ -534,9 +542,11 @@ def asked_for_shares(classifier, samples, asked):
 
 
 def interpolation_pairs(labels, count=1000, seed=0):
-    """(count, 2) indices of distinct test images, the same for every model and every run."""
+    """(count, 2) indices of distinct test images, the same for every model and every run; fewer
+    pairs where the test set holds fewer than 2 * count images (an odd one left out)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(len(labels), generator=generator)[:2 * count].reshape(-1, 2)
+    count = min(count, len(labels) // 2)
+    return torch.randperm(len(labels), generator=generator)[:2 * count].reshape(count, 2)
 
 
 @torch.inference_mode()
@@ -584,10 +594,16 @@ def lerp(start, end, t):
 
 
 def mean_and_error(values):
-    """{"mean", "standard_error"} of one value per pair (P,), in float64 on the CPU."""
+    """{"mean", "standard_error"} of one value per pair (P,), in float64 on the CPU; with fewer
+    than 2 values (a test set of a few images) what cannot be computed is None, and "skipped"
+    says why."""
     values = values.detach().cpu().double()
+    if len(values) < 2:
+        return {"mean": values.mean().item() if len(values) else None, "standard_error": None,
+                "skipped": f"{utils.counted(len(values), 'pair')}: too few for a spread"}
     return {"mean": values.mean().item(), "standard_error": (values.std() / len(values) ** 0.5)
             .item()}
+
 
 
 def with_bootstrap(features, reference_features, *, resamples=50, seed=0):

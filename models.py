@@ -5,12 +5,15 @@ Both autoencoders share one encoder/decoder shape (an MLP, a small convnet with 
 residual blocks with attention with --arch resnet) and compute their own loss, so that main.py's
 training loop treats them alike: `loss, parts = model(x)`.
 Images are flattened to 784 pixels in [0, 1]. Read the AE, then the VAE: what it adds is
-`posterior`, `reparameterize`, the KL term and `log_importance_weights`. With condition "label"
+`posterior`, `reparameterize`, the KL term and `log_importance_weights`, and with objective
+"iwae" (--objective iwae) a training loss from those weights: the IWAE bound. With condition "label"
 (--condition label) both are conditional: the encoder sees the image and its label, the decoder
 the code and the label, each as a one-hot vector beside its input. After them, the extra
 training terms that make decodes sharper (TrainingObjective): a perceptual distance in a small
 frozen CNN's features (PerceptualNet) and a PatchGAN discriminator's hinge loss (Discriminator).
 """
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 MODEL_NAMES = {"vae": "VAE", "ae": "AE"}  # a model's kind (its checkpoint's file name) and its name
 ARCHITECTURES = ["mlp", "conv", "resnet"]
 CONDITIONS = ["none", "label"]
+OBJECTIVES = ["elbo", "iwae"]
 NUM_CLASSES = 10  # the labels of MNIST and Fashion-MNIST
 
 
@@ -33,17 +37,21 @@ class ModelConfig:
     hidden_layers: int = 1  # MLP hidden layers in the encoder and in the decoder
     beta: float = 1.0  # weight of the KL term in the VAE's training loss (1: the ELBO)
     condition: str = "none"  # "label": encoder and decoder also see the image's label
+    objective: str = "elbo"  # the VAE's training loss: "elbo", or "iwae", the IWAE bound with k
+    k: int = 1  # importance samples per image of the "iwae" objective (1: the ELBO itself)
 
 
 class Autoencoder(nn.Module):
     """A deterministic AE: x -> z = encoder(x) -> decoder(z) = pixel logits. Its loss: the
     Bernoulli NLL of x. labels, where a method takes them: the images' classes (B,) or one class
-    for all, or (B, 10) mixes of one-hot labels; an unconditional model ignores them."""
+    for all, or (B, 10) mixes of one-hot labels; an unconditional model takes none (sample and
+    reconstruct, the API, refuse what does not fit with a ValueError before any work)."""
 
     def __init__(self, *, latent_dim=20, hidden_dim=400, image_dim=784, arch="mlp",
-                 hidden_layers=1, beta=1.0, condition="none"):
+                 hidden_layers=1, beta=1.0, condition="none", objective="elbo", k=1):
         super().__init__()
-        self.latent_dim, self.beta = latent_dim, beta
+        self.latent_dim, self.beta, self.image_dim = latent_dim, beta, image_dim
+        self.objective, self.k = objective, k  # the VAE's training loss; the AE has only the BCE
         self.label_dim = NUM_CLASSES if condition == "label" else 0  # one-hot columns it takes
         outputs, labels = self.encoder_outputs(latent_dim), self.label_dim
         if arch in ("conv", "resnet"):
@@ -88,6 +96,36 @@ class Autoencoder(nn.Module):
         reconstruction = bernoulli_nll(logits, x)
         return reconstruction, {"bce": reconstruction.detach()}, logits
 
+    def checked_labels(self, labels, count):
+        """The API's labels, refused with a ValueError that says what is accepted: none for an
+        unconditional model; for a conditional one a class 0-9, `count` of them, or (count, 10)
+        mixes. Not in the training loop: reading a tensor's values waits for its device."""
+        if not self.label_dim:
+            if labels is not None:
+                raise ValueError("labels: this model is unconditional (trained without "
+                                 "--condition label) and cannot use them; leave labels out")
+            return None
+        if labels is None:
+            raise ValueError("labels: this model is conditional: give a class 0-9, one per image, "
+                             "or (count, 10) mixes of one-hot rows")
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"labels: give a class 0-9, one per image, or (count, 10) mixes; got "
+                             f"{type(labels).__name__}") from None
+        if labels.is_floating_point():
+            if labels.shape not in ((NUM_CLASSES,), (count, NUM_CLASSES)):
+                raise ValueError(f"labels: mixes must be (10,) or ({count}, 10), one per image; "
+                                 f"got {tuple(labels.shape)}")
+            return labels
+        if labels.dtype == torch.bool or labels.shape not in ((), (1,), (count,)):
+            raise ValueError(f"labels: give one class 0-9 or {count} of them (one per image); got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}")
+        outside = labels[(labels < 0) | (labels >= NUM_CLASSES)].unique().tolist()
+        if outside:
+            raise ValueError(f"labels: classes are 0-9; got {', '.join(map(str, outside[:3]))}")
+        return labels
+
     @torch.inference_mode()
     def sample(self, count, labels=None, *, prior=None, generator=None):
         """Generate: decode `count` codes drawn from `prior` (a LatentGaussian; by default
@@ -95,6 +133,10 @@ class Autoencoder(nn.Module):
         conditional model as the `labels` asked for. The VAE was trained so that N(0, I) covers
         its codes; the AE was not, and most of its draws land where its decoder has never been.
         generator: a CPU torch.Generator, for the same draws on every device."""
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"count: the number of images to sample, an int of at least 0; got "
+                             f"{count!r}")
+        labels = self.checked_labels(labels, count)
         self.eval()
         prior = prior or LatentGaussian.standard(self.latent_dim)
         z = prior.draw(count, generator).to(next(self.parameters()).device)  # (count, D)
@@ -102,14 +144,22 @@ class Autoencoder(nn.Module):
 
     @torch.inference_mode()
     def reconstruct(self, x, labels=None):
-        """Encode images (B, 784), then decode their codes: (B, 784) in [0, 1]."""
+        """Encode images (B, 784) in [0, 1], then decode their codes: (B, 784) in [0, 1]."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 \
+                or x.shape[1] != self.image_dim:
+            what = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else \
+                type(x).__name__
+            raise ValueError(f"x: images as a float tensor (B, {self.image_dim}) in [0, 1] (for "
+                             f"(B, 28, 28) use x.flatten(1), for uint8 x / 255); got {what}")
+        labels = self.checked_labels(labels, len(x))
         self.eval()
         return torch.sigmoid(self.decode(self.encode(x, labels), labels))
 
 
 class VAE(Autoencoder):
     """The encoder gives q(z|x) = N(mu, diag(sigma^2)); the loss is the negative ELBO,
-    -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)), with one sample of z per image."""
+    -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)), with one sample of z per image; with objective
+    "iwae", the negative IWAE bound with k samples of z per image."""
 
     @staticmethod
     def encoder_outputs(latent_dim):
@@ -135,7 +185,20 @@ class VAE(Autoencoder):
         loss = reconstruction + (kl_weight * self.beta) * kl
         return loss, {"bce": reconstruction.detach(), "kl": kl.detach()}, logits
 
-    def log_importance_weights(self, x, num_samples, generator=None, *, labels=None, eps=None):
+    def forward(self, x, labels=None, kl_weight=1.0, generator=None):
+        """The training loss: the negative ELBO (terms), or with objective "iwae" and k > 1 the
+        negative IWAE bound, -log (1/k) sum_k w_k, whose gradient weighs each z_k by its share of
+        the k importance weights. k = 1 is the ELBO, with the KL in closed form as terms has it."""
+        if self.objective != "iwae" or self.k == 1:
+            return super().forward(x, labels, kl_weight, generator)
+        log_weights = self.log_importance_weights(x, self.k, generator, labels=labels,
+                                                  kl_weight=kl_weight * self.beta)  # (k, B)
+        bound = torch.logsumexp(log_weights, dim=0) - math.log(self.k)  # (B,): log p(x) below
+        loss = -bound.mean()
+        return loss, {"iwae": loss.detach()}
+
+    def log_importance_weights(self, x, num_samples, generator=None, *, labels=None, eps=None,
+                               kl_weight=1.0):
         """log w_k = log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (num_samples, B); a
         conditional model's given the labels: log p(x, z_k | y) - log q(z_k | x, y).
 
@@ -152,10 +215,10 @@ class VAE(Autoencoder):
             labels = label_vectors(labels, len(x), NUM_CLASSES, mu).repeat(num_samples, 1)
         logits = self.decode(z.reshape(-1, self.latent_dim), labels)  # (K * B, 784)
         logits = logits.reshape(num_samples, len(x), -1)  # (K, B, 784)
-        log_likelihood = -bernoulli_nll_per_image(logits, x)  # log p(x | z): (K, B)
+        log_likelihood = -bernoulli_nll_per_image(logits.float(), x)  # log p(x | z): (K, B)
         log_prior = -0.5 * z.pow(2).sum(dim=2)  # log p(z) + const
         log_posterior = -0.5 * (eps.pow(2) + logvar).sum(dim=2)  # log q(z | x) + the same const
-        return log_likelihood + log_prior - log_posterior
+        return log_likelihood + kl_weight * (log_prior - log_posterior)
 
 
 def reparameterize(mu, logvar, generator=None, *, eps=None):
@@ -171,10 +234,11 @@ def reparameterize(mu, logvar, generator=None, *, eps=None):
 def label_vectors(labels, count, num_classes, like):
     """The labels as (count, num_classes) vectors in the dtype and on the device of `like`: one-hot
     rows from classes (count,) or one class for all; or mixes of one-hot rows as they are."""
-    labels = torch.as_tensor(labels, device=like.device)
+    labels = torch.as_tensor(labels)  # cast before it moves: MPS has no float64
     if labels.is_floating_point():
-        return labels.to(like.dtype).expand(count, num_classes)
-    return nn.functional.one_hot(labels.long().expand(count), num_classes).to(like.dtype)
+        return labels.to(like.dtype).to(like.device).expand(count, num_classes)
+    return nn.functional.one_hot(labels.long().to(like.device).expand(count),
+                                 num_classes).to(like.dtype)
 
 
 def standard_normal(shape, generator, like):
@@ -250,7 +314,7 @@ def build_model(config):
     return MODEL_CLASSES[config.kind](
         latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, image_dim=config.image_dim,
         arch=config.arch, hidden_layers=config.hidden_layers, beta=config.beta,
-        condition=config.condition)
+        condition=config.condition, objective=config.objective, k=config.k)
 
 
 # ------------------------------------------------- extra training terms: perceptual, adversarial

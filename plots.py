@@ -67,6 +67,11 @@ def grid_image(images, nrow):
     return grid
 
 
+def panel_title(sampler):
+    """A sampler's name as a panel's title: a fitted Gaussian's long name on two lines."""
+    return sampler.replace("Gaussian fitted", "\nGaussian fitted")
+
+
 def show(ax, image, title=None):
     ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
@@ -83,7 +88,7 @@ def plot_generation(samplers, path, *, n_side=8, seed=0):
     axes = np.atleast_1d(figure.subplots(1, len(samplers)))
     for ax, (label, (model, prior)) in zip(axes, samplers.items()):
         images = metrics.draw_samples(model, prior, n_side * n_side, seed)
-        show(ax, grid_image(images, n_side), label.replace("Gaussian fitted", "\nGaussian fitted"))
+        show(ax, grid_image(images, n_side), panel_title(label))
     asked = any(model.label_dim for model, _ in samplers.values())
     figure.suptitle(f"{n_side * n_side} decoded samples per sampler (the same noise for each"
                     f"{'; labels asked for drawn uniformly, the same for each' * asked})",
@@ -218,7 +223,7 @@ def plot_conditional(samplers, dataset, path, *, columns=10, seed=0):
         rows = torch.arange(NUM_CLASSES).repeat_interleave(columns)  # each row one class
         device = next(model.parameters()).device
         images = metrics.decode_images(model, z.repeat(NUM_CLASSES, 1).to(device), rows)
-        show(ax, grid_image(images, columns), label.replace("Gaussian fitted", "\nGaussian fitted"))
+        show(ax, grid_image(images, columns), panel_title(label))
         ax.set_yticks([2 + 30 * k + 14 for k in range(NUM_CLASSES)], dataset.classes)
     figure.suptitle(f"Asked for each {dataset.title} class (rows): {columns} draws of z "
                     "(columns), each decoded with every label", fontsize=12)
@@ -350,8 +355,8 @@ def write_latent_evolution(histories, axes_of, labels, dataset, path, *, seconds
         palette = palette or frame.quantize(colors=64)  # one palette for all: 15x faster
         frames.append(frame.quantize(palette=palette, dither=Image.Dither.NONE))
     durations = [int(1000 * seconds_per_frame)] * (len(frames) - 1) + [2000]  # hold the last
-    utils.write_atomically(path, lambda temporary: frames[0].save(
-        temporary, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
+    utils.write_atomically(path, lambda file: frames[0].save(
+        file, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
         loop=0))
 
 
@@ -461,7 +466,7 @@ def write_explorer(models, configs, codes, axes_of, samplers, scores, test, data
     }
     template = (Path(__file__).parent / EXPLORER_TEMPLATE).read_text(encoding="utf-8")
     page = template.replace(EXPLORER_DATA_MARK, page_json(payload))
-    utils.write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    utils.write_atomically(path, lambda file: file.write(page.encode("utf-8")))
 
 
 def page_json(payload):

@@ -142,7 +142,7 @@ def print_summary(scores, run_args):
               f"{paths['midpoint_frechet_distance']['mean']:.1f}, "
               f"{100 * paths['in_between_confident_share']['mean']:.1f}% of frames confident, "
               f"evenness {paths['evenness']['mean']:.3f}, "
-              f"{100 * paths['class_changes_more_than_once']['mean']:.1f}% of two-class paths "
+              f"{percent(paths['class_changes_more_than_once']['mean'])} of two-class paths "
               "change class more than once")
     for kind in run_args.models:
         m = scores[kind]
@@ -153,6 +153,11 @@ def print_summary(scores, run_args):
         print(f"{MODEL_NAMES[kind]}: {whose}: {utils.counted(m['epochs'], 'epoch')}, "
               f"{m['seconds_per_epoch']:.2f} s/epoch ({how})")
     print(f"{'figures and ' * run_args.figures}metrics.json written to {run_args.figure_dir}/")
+
+
+def percent(share):
+    """A share as "12.3%"; "no" where none could be computed (a test set of a few images)."""
+    return "no" if share is None else f"{100 * share:.1f}%"
 
 
 # ------------------------------------------------------------- reports over several run folders
@@ -175,7 +180,7 @@ def slim_checkpoints(saved):
     then draws no latent_evolution.gif)."""
     for model in saved.values():
         checkpoint = {key: value for key, value in model.checkpoint.items()
-                      if key not in ("optimizer", "discriminator", "adversary")}
+                      if key not in ("optimizer", *checkpoint_files.DISCRIMINATOR_KEYS)}
         checkpoint["history"] = [{key: value for key, value in record.items() if key != "codes"}
                                  for record in checkpoint["history"]]
         checkpoint_files.save_checkpoint(model.path, checkpoint)

@@ -17,6 +17,7 @@ MEMORY_FLAGS = {  # the flags that size what a phase allocates, named when it ru
     "building the models": ["hidden_dim", "hidden_layers", "latent_dim"],
     "training": ["batch_size", "hidden_dim"],
     "scoring samples": ["quality_samples"],
+    "computing the IWAE bound": ["nll_samples"],
 }
 
 
@@ -116,27 +117,46 @@ def stop_message(signal_name, phase, args):
             f"continue with: {command}")
 
 
+def memory_advice(args, phase):
+    """How to ask for less memory in `phase`: the flags that size it, of those this command
+    takes (--eval takes the model and training flags from the checkpoints, so it is never told
+    to lower them)."""
+    flags = MEMORY_FLAGS.get(phase, ["hidden_dim", "batch_size"])
+    if args.eval:
+        flags = [flag for flag in flags if flag not in MODEL_FLAGS + TRAINING_FLAGS]
+    named = [f"--{flag.replace('_', '-')} (now {getattr(args, flag)})" for flag in flags
+             if getattr(args, flag) is not None]
+    if named:
+        return "lower " + " or ".join(named)
+    return "free memory (close other programs) or evaluate on a machine with more"
+
+
 @contextlib.contextmanager
 def one_line_errors(args, phases):
-    """A signal, a failed allocation or a GPU's failure (an operation it lacks), in any phase,
-    becomes one line that names the phase (and the device, with the way out)."""
+    """Whatever stops a run, in any phase, becomes one line that names the phase: a signal (with
+    what the disk holds), a failed allocation (with the flags to lower), a GPU's own failure (an
+    operation it lacks, a lost device: with --device cpu); anything else is a bug of this
+    program, whose traceback, command, versions and device go into a report file that the line
+    names. A GPU's failure keeps such a report too."""
     try:
         yield
     except utils.Stopped as stopped:
         message = stop_message(stopped.signal_name, phases.current, args)
         raise utils.ProjectError(message, exit_code=130) from None
-    except (MemoryError, RuntimeError, NotImplementedError) as error:
+    except (utils.ProjectError, BrokenPipeError):  # BrokenPipeError: main.py's streams end it
+        raise
+    except Exception as error:  # MemoryError, RuntimeError, ...: a BaseException is no failure
         device = utils.pick_device(args.device)
         on_a_gpu = device.type != "cpu"
         if utils.is_out_of_memory(error):
-            flags = MEMORY_FLAGS.get(phases.current, ["hidden_dim", "batch_size"])
-            named = " or ".join(f"--{flag.replace('_', '-')} (now {getattr(args, flag)})"
-                                for flag in flags)
             raise utils.ProjectError(f"out of memory{f' on {device}' * on_a_gpu} while "
-                                     f"{phases.current}; lower {named}"
+                                     f"{phases.current}; {memory_advice(args, phases.current)}"
                                      f"{', or run with --device cpu' * on_a_gpu}") from None
-        if on_a_gpu and utils.is_device_failure(error, device):
+        report = utils.write_error_report(error, args.figure_dir, phases.current, device)
+        if on_a_gpu and utils.is_device_failure(error):
             raise utils.ProjectError(f"the {device} device failed while {phases.current} "
-                                     f"({utils.first_line(error, 120)}); run with --device "
-                                     "cpu") from None
-        raise
+                                     f"({utils.first_line(error, 120)}); run with --device cpu "
+                                     f"(details in {report})") from None
+        raise utils.ProjectError(f"{type(error).__name__} while {phases.current} "
+                                 f"({utils.first_line(error, 100)}): a bug of this program; "
+                                 f"please report it with {report} (its traceback)") from None

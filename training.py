@@ -33,6 +33,12 @@ def kl_weight_per_step(kl_range, steps):
     return [start + (end - start) * step / steps for step in range(1, steps + 1)]
 
 
+def model_generators(seed, device):
+    """A model's own generators on `device`: (order, draws), for its batch order and for its z
+    and binarized pixels, seeded from --seed."""
+    return tuple(torch.Generator(device).manual_seed(seed + k) for k in (0, 1))
+
+
 def shuffled_batches(targets, labels, batch_size, order_generator):
     """(targets, labels) in an order drawn from `order_generator`, `batch_size` rows at a time."""
     order = torch.randperm(len(targets), generator=order_generator, device=targets.device)
@@ -45,6 +51,14 @@ def autocast(precision, device):
     keeps its bfloat16 weights until it exits, so one around the epoch would train every step on
     the first step's weights (tried: the loss diverges)."""
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
+def divergence_advice(flags):
+    """What to lower when a loss diverged: an extra term's weight where one is on (its adaptive
+    weight can grow a hundredfold), else the learning rate."""
+    terms = [f"--{flag.replace('_', '-')} (now {flags[flag]:g})"
+             for flag in ("adversarial_weight", "perceptual_weight") if flags[flag] > 0]
+    return f"try a lower {' or '.join([*terms, '--lr'])}"
 
 
 class NonFiniteLoss(Exception):
@@ -131,7 +145,8 @@ class DiscriminatorStep:
 
     def restore(self, checkpoint, path):
         """The discriminator's weights and Adam as `checkpoint` (from `path`) saved them."""
-        state = checkpoint.get("discriminator", checkpoint.get("adversary"))  # its older name
+        state = next((checkpoint[key] for key in checkpoint_files.DISCRIMINATOR_KEYS
+                      if key in checkpoint), None)
         if not isinstance(state, dict) or "model" not in state:
             raise utils.ProjectError(f"{path}: its discriminator is missing, though it trained "
                                      "with --adversarial-weight; retrain")

@@ -4,6 +4,7 @@ the table of phases, and ProjectError, the one-line error a user can fix. Import
 project; nothing runs on import."""
 import contextlib
 import dataclasses
+import errno
 import functools
 import gzip
 import json
@@ -45,6 +46,7 @@ MNIST_FILES = {  # split -> (images file, labels file), as the official site nam
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes, 3 dims / 1 dim
+MINIMUM_IMAGES = 10  # in each split: fewer are refused when read
 BINARIZATION_SEEDS = {"train": 1, "test": 2}  # fixed: every run with --binarize sees one test set
 
 
@@ -171,6 +173,10 @@ def load_dataset(folder, dataset="mnist"):
     for split, (images_name, labels_name) in MNIST_FILES.items():
         images = read_idx(found[images_name], "images")
         labels = read_idx(found[labels_name], "labels")
+        if len(images) < MINIMUM_IMAGES:
+            raise ProjectError(f"{found[images_name]} holds {counted(len(images), 'image')}; "
+                               f"a split needs at least {MINIMUM_IMAGES} (the codes' k-NN accuracy "
+                               "compares each test image with its 5 nearest): use the full files")
         if len(images) != len(labels):
             raise ProjectError(f"{found[images_name]} holds {len(images)} images but "
                                f"{found[labels_name]} holds {len(labels)} labels; the two files "
@@ -242,6 +248,26 @@ def use_device(device):
                               torch.cuda.current_device())  # "cuda" names no index
 
 
+@contextlib.contextmanager
+def torch_settings_kept():
+    """torch's process-wide settings that a run changes, as they were once it returns, for a
+    learner's shell or a test that goes on after main.main: the global random state (a new
+    model's weights are drawn from --seed), the thread count, TF32. Not flush-to-zero, which a
+    run turns on (pick_device): torch can neither read it back nor reset the threads that took
+    it, so it stays on for the process."""
+    random_state, threads = torch.get_rng_state(), torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(random_state)
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
 def make_optimizer(module, lr, device, **settings):
     """Adam over `module`'s parameters, fused where the device has it: one kernel for all the
     parameters (measured: 0.4 against 1.1 ms a step on a CPU)."""
@@ -291,12 +317,47 @@ def error_reason(error, limit):
     return first_line(error, limit)
 
 
-def is_device_failure(error, device):
-    """Whether `error` is a GPU's own: an operation it lacks (Apple's MPS raises
-    NotImplementedError), or an error its runtime names (CUDA, cuDNN, cuBLAS, MPS)."""
+DEVICE_FAILURES = (  # what a GPU's runtime says of its own failures, lower-cased
+    "not currently implemented for the mps device", "cuda error", "cudnn_status", "cublas_status",
+    "cuda driver", "no cuda gpus", "no cuda-capable", "mps backend failed", "device lost",
+    "launch failure", "ecc error")
+PROGRAM_BUGS = (  # ... and of a program's: a tensor on the wrong device, a kernel's bad index
+    "expected all tensors to be on the same device", "placeholder storage has not been allocated",
+    "device-side assert", "illegal memory access")
+
+
+def is_device_failure(error):
+    """Whether `error` is a GPU's own failure, which the CPU would not have: an operation its
+    backend lacks (Apple's MPS raises NotImplementedError), a lost device, a failing driver or
+    library. A tensor on the wrong device or a bad index is the program's bug, not the device's."""
     text = str(error).lower()
-    return isinstance(error, NotImplementedError) or any(
-        word in text for word in (device.type, "cudnn", "cublas", "accelerator"))
+    if any(phrase in text for phrase in PROGRAM_BUGS):
+        return False
+    return isinstance(error, NotImplementedError) or any(phrase in text
+                                                         for phrase in DEVICE_FAILURES)
+
+
+def write_error_report(error, folder, phase, device):
+    """Write what a bug report needs (the traceback, the command, the versions of Python, torch
+    and the system, the device, the phase) to FOLDER/error-report.txt, or where that cannot be
+    written to the system's temporary folder; return the path written."""
+    import platform
+    import traceback
+
+    lines = ["An unexpected error stopped a run of this program.",
+             f"command: {' '.join(sys.argv) if sys.argv and sys.argv[0] else '(from Python)'}",
+             f"phase: {phase}", f"device: {device}" + (
+                 f" ({torch.cuda.get_device_name(device)})"
+                 if device.type == "cuda" and torch.cuda.is_available() else ""),
+             f"python {platform.python_version()}, torch {torch.__version__}, "
+             f"{platform.platform()}, {torch.get_num_threads()} threads", "",
+             *traceback.format_exception(type(error), error, error.__traceback__)]
+    text = "\n".join(line.rstrip("\n") for line in lines) + "\n"
+    for where in (Path(folder), Path(tempfile.gettempdir())):
+        with contextlib.suppress(ProjectError, OSError):
+            write_atomically(where / "error-report.txt", lambda file: file.write(text.encode()))
+            return where / "error-report.txt"
+    return "(no report: nowhere could be written)"
 
 
 def is_out_of_memory(error):
@@ -309,20 +370,40 @@ def is_out_of_memory(error):
 # ---------------------------------------------------------- files: written whole, in locked folders
 
 def write_atomically(path, write):
-    """Call write(temporary_path), then rename it over `path`: a crash, kill -9 or full disk
-    never leaves half a file, and a failed write leaves the previous file as it was."""
+    """Call write(file), `file` a new binary file of its own beside `path`, then rename it over
+    `path`: a crash, kill -9 or full disk never leaves half a file, a failed write leaves the
+    previous file as it was, and a link planted at `path` is replaced, never written through (the
+    new file is created exclusively, and the rename replaces the link itself). Where the file
+    system refuses (a full disk, a file-size limit), one line with its reason, however the writer
+    (torch.save, matplotlib, Pillow) wrapped it."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
+        with open(temporary, "xb") as file:  # a file, not a path: the writer's errors are OSError
+            write(file)
         os.replace(temporary, path)
-    except OSError as error:
+    except Exception as error:
+        refusal = os_error_in(error)
+        if refusal is None:
+            raise
         kept = f"{path.name} keeps its previous contents" if exists(path) else "nothing is written"
-        raise ProjectError(f"cannot write {path} ({error.strerror or error}); {kept}") from None
+        raise ProjectError(f"cannot write {path} ({refusal.strerror or refusal}); {kept}") from None
     finally:
         with contextlib.suppress(OSError):  # a read-only disk: the error above is the one to say
             temporary.unlink(missing_ok=True)
+
+
+def os_error_in(error):
+    """The file system's OSError that `error` is or arose from (torch.save raises a RuntimeError,
+    "unexpected pos", while handling the OSError of a write cut short), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def exists(path):
@@ -349,7 +430,7 @@ def save_json(path, data):
         raise ProjectError(f"{path}: {place}; nothing is written (a model whose weights overflow? "
                            "retrain it with a lower --lr)")
     text = json.dumps(data, indent=2) + "\n"
-    write_atomically(path, lambda temporary: temporary.write_text(text))
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def non_finite_place(data, where=""):
@@ -367,7 +448,20 @@ def non_finite_place(data, where=""):
 
 
 def save_figure(figure, path):
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
+
+
+def open_own_file(path):
+    """`path` opened to read and write, created if need be, never through a link: a symbolic link
+    planted there is removed (the file it points to untouched) and a file of our own made."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            return os.fdopen(os.open(path, flags, 0o644), "r+")
+        except OSError as error:
+            if error.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a link
+                raise
+        os.unlink(path)
 
 
 class FolderLock:
@@ -394,7 +488,7 @@ class FolderLock:
         """Open and lock FOLDER/.lock; False where it is no longer the file at that path."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
+            self.file = open_own_file(self.path)
         except OSError as error:
             raise ProjectError(f"cannot write to {self.path.parent}/ ({error.strerror}); pick "
                                "another folder or fix its permissions") from None
@@ -533,16 +627,20 @@ def on_own_stream(job, device):
     data's) are done; returns when they have run."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        result = job()
-    stream.synchronize()
-    return result
+    try:
+        with torch.cuda.stream(stream):
+            return job()
+    finally:  # however the job ends (a failure, a stop): no kernel of it is left queued on
+        stream.synchronize()  # memory the caching allocator may hand out again
 
 
-def sync(device):
-    """Wait for what this thread has queued on `device` (its current CUDA stream), to time it."""
+def wait_for_queued_work(device):
+    """Wait for the work queued on `device` to finish, to time it: on CUDA this thread's current
+    stream (another thread's stream runs on), on MPS all of it; a CPU has no queue."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 
@@ -561,8 +659,10 @@ class StopRequest:
     checkpoint is cut in half; elsewhere the first signal raises Stopped at once (every file is
     written whole or not at all)."""
 
-    def __init__(self):
-        self.signal_name, self.polling = None, False
+    def __init__(self, *, afterwards=None):
+        self.reason, self.polling, self.said = None, False, False  # reason: a signal's name,
+        # or "the other model's failure" when a model training beside it failed
+        self.afterwards = afterwards  # the handler left behind (None: the one found on entry)
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self.handle)
@@ -571,16 +671,21 @@ class StopRequest:
 
     def __exit__(self, *exc_info):
         for number, handler in self.previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, self.afterwards or handler)
 
     def handle(self, number, frame):
-        first = self.signal_name is None
+        first = self.reason is None
         self.request(signal.Signals(number).name)
-        if first and not self.polling:
-            raise Stopped(self.signal_name)
+        if first and not self.polling and not self.said:
+            raise Stopped(self.reason)
+
+    def saying_the_end(self):
+        """The run is printing how it ended: from now on a signal (a key held down) is only
+        recorded, so that no second line follows."""
+        self.said = True
 
     def request(self, reason):
-        self.signal_name = self.signal_name or reason
+        self.reason = self.reason or reason
 
     @contextlib.contextmanager
     def polled(self):

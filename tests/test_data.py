@@ -64,9 +64,9 @@ def test_a_corrupt_idx_file_gives_a_one_line_error_naming_it(synthetic_mnist, co
 
 
 def test_images_and_labels_of_different_counts(tmp_path):
-    folder = make_synthetic_mnist(tmp_path, n_test=8)
+    folder = make_synthetic_mnist(tmp_path, n_test=12)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", [1, 2, 3], compress=True)
-    with pytest.raises(utils.ProjectError, match="holds 8 images but .* holds 3 labels"):
+    with pytest.raises(utils.ProjectError, match="holds 12 images but .* holds 3 labels"):
         utils.load_dataset(folder)
 
 

@@ -279,7 +279,8 @@ def test_the_iwae_bound_draws_the_same_noise_however_many_batches_a_call_decodes
 
 def test_float64_work_is_done_on_the_cpu_by_construction():
     """Apple's GPU has no float64: every cast to float64 (`.double()`, `.to(torch.float64)`) is of a tensor
-    moved to the CPU (`.cpu()` before it), and every float64 tensor made is made on the CPU (no device given)."""
+    moved to the CPU (`.cpu()` before it), every float64 tensor made is made on the CPU (no device given), and no
+    tensor is made on a device in the dtype its data happens to have (models.label_vectors' float64 mixes)."""
     import ast
     from pathlib import Path
 
@@ -297,6 +298,11 @@ def test_float64_work_is_done_on_the_cpu_by_construction():
                     f"{name}.py:{node.lineno}: a cast to float64 of a tensor not moved to the CPU"
             elif float64:
                 assert not any(keyword.arg == "device" for keyword in node.keywords), f"{name}.py:{node.lineno}"
+            made_from_data = isinstance(node.func, ast.Attribute) and node.func.attr in ("as_tensor", "tensor")
+            if made_from_data and any(keyword.arg == "device" for keyword in node.keywords):
+                # its dtype is the data's, float64 for Python floats or a float64 array: name one, or make it on the CPU
+                assert any(keyword.arg == "dtype" for keyword in node.keywords), \
+                    f"{name}.py:{node.lineno}: a tensor made on a device in the dtype of its data"
 
 
 def test_a_conditional_models_likelihood_summed_over_labels_is_its_likelihood_where_the_label_is_ignored():
