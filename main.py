@@ -186,8 +186,8 @@ def add_output_flags(group):
                        help="which models to train (default: both) or evaluate (default: those "
                             "with a checkpoint)")
     group.add_argument("--no-figures", dest="figures", action="store_false",
-                       help="write metrics.json, but no figure (a sweep's runs; --eval draws them "
-                            "later)")
+                       help="given: write metrics.json but no figure (a study's runs; --eval "
+                            "draws them later); without it every figure is drawn")
     group.add_argument("--latent-study", nargs="+", type=number(int, 1), metavar="SIZE",
                        help="one run per latent size, in CHECKPOINT_DIR/latent-SIZE and "
                             "FIGURE_DIR/latent-SIZE, then latent_study.png and .json to compare")
@@ -246,8 +246,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": the help says what happens then
-        if action.default is None or action.default is False:
+    def _get_help_string(self, action):  # no "(default: None)": the help says what happens then;
+        if action.default is None or isinstance(action.default, bool):  # a switch says what it does
             return action.help
         return super()._get_help_string(action)
 

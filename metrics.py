@@ -56,8 +56,11 @@ CONDITIONAL_NOTES = (  # added to the notes of a run with --condition label
     "(seed 1), and asked_for_share is the share the classifier calls the label asked for, over "
     "all and per label; test_nll_iwae is -log p(x) = -log (1/10) sum_y p(x | y), each p(x | y) "
     "an importance-weighted estimate with that many samples (the same noise for each label), "
-    "and test_nll_given_label_iwae is -log p(x | y) with the image's own label; interpolation "
-    "slides the label from one end's to the other's with the code."
+    "and test_nll_given_label_iwae is -log p(x | y) with the image's own label; "
+    "label_from_likelihoods is the VAE as a classifier by Bayes' rule from those ten bounds, "
+    "p(y | x) = p(x | y) / sum_y' p(x | y'): the share of test images whose most probable label "
+    "is theirs, and the mean probability of their label; interpolation slides the label from "
+    "one end's to the other's with the code."
 )
 
 LAPLACIAN = [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]
@@ -221,14 +224,39 @@ def iwae_nll_over_labels(model, images, num_samples, *, seed=0, progress=False, 
     """A conditional model's -log p(x), mean over `images`: p(x) = (1/10) sum_y p(x | y), with
     p(y) = 1/10 and each p(x | y) estimated as iwae_nll does, with `num_samples` samples and the
     same noise for every label. Comparable with an unconditional VAE's bound."""
+    log_likelihoods = iwae_log_likelihoods_per_label(model, images, num_samples, seed=seed,
+                                                     progress=progress, per_call=per_call)
+    return nll_over_labels(log_likelihoods)
+
+
+@torch.inference_mode()
+def iwae_log_likelihoods_per_label(model, images, num_samples, *, seed=0, progress=False,
+                                   per_call=None):
+    """(10, N) float64 on the CPU: the IWAE bound on log p(x | y) of every image for every label
+    y, with `num_samples` samples and the same noise for every label (as iwae_nll draws it)."""
     log_means, steps = [], NUM_CLASSES * math.ceil(len(images) / IWAE_BATCH)
     with iwae_progress(steps, f"IWAE bound, {num_samples} samples a label", progress) as bar:
         for label in range(NUM_CLASSES):
             labels = torch.full((len(images),), label)
             log_means.append(torch.cat(list(iwae_log_means(
                 model, images, num_samples, labels, bar, seed=seed, per_call=per_call))))
-    log_p = torch.logsumexp(torch.stack(log_means), dim=0) - math.log(NUM_CLASSES)  # (N,)
-    return -log_p.mean().item()
+    return torch.stack(log_means)
+
+
+def nll_over_labels(log_likelihoods):
+    """-log p(x) = -log (1/10) sum_y p(x | y), mean over the images, from (10, N) log p(x | y)."""
+    return -(torch.logsumexp(log_likelihoods, dim=0) - math.log(NUM_CLASSES)).mean().item()
+
+
+def label_from_likelihoods(log_likelihoods, labels):
+    """The conditional VAE as a classifier, by Bayes' rule: p(y | x) = p(x | y) p(y) / p(x), with
+    p(y) = 1/10, from the (10, N) bounds on log p(x | y). The share of images whose most probable
+    label is theirs, and the mean probability it gives their label."""
+    posterior = torch.softmax(log_likelihoods, dim=0)  # (10, N): p(y | x)
+    labels = labels.cpu()
+    return {"accuracy": (posterior.argmax(dim=0) == labels).float().mean().item(),
+            "mean_probability_of_the_true_label":
+                posterior[labels, torch.arange(len(labels))].mean().item()}
 
 
 def iwae_progress(steps, description, shown):

@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from PIL import Image  # Pillow: installed with matplotlib
 from torch import nn
 
 import metrics
@@ -67,9 +68,31 @@ def grid_image(images, nrow):
     return grid
 
 
+def digit_grid(images, columns=8, *, scale=2, path=None):
+    """A batch of images (N, 784) or (N, 28, 28) in [0, 1], as one picture, `columns` to a row:
+    a PIL image, which a notebook shows as it is; written as a PNG to `path` if given.
+
+        plots.digit_grid(vae.sample(16), path="samples.png")
+    """
+    images = torch.as_tensor(images)
+    if images.dim() not in (2, 3) or images[0].numel() != IMAGE_SIDE * IMAGE_SIDE:
+        raise ValueError(f"images: (N, 784) or (N, 28, 28) in [0, 1]; got {tuple(images.shape)}")
+    pixels = (255 * grid_image(images.clamp(0, 1), columns)).round().astype(np.uint8)
+    picture = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale),
+                                             Image.Resampling.NEAREST)
+    if path is not None:
+        utils.write_atomically(path, lambda file: picture.save(file, format="PNG"))
+    return picture
+
+
 def panel_title(sampler):
-    """A sampler's name as a panel's title: a fitted Gaussian's long name on two lines."""
-    return sampler.replace("Gaussian fitted", "\nGaussian fitted")
+    """A sampler's name as a panel's title that reads alone: what the codes are drawn from, and
+    what that means for the model."""
+    if "Gaussian fitted" in sampler:
+        return sampler.replace("Gaussian fitted", "\nGaussian fitted") + " (its fair chance)"
+    if sampler.startswith("VAE"):
+        return f"{sampler}\nthe prior it was trained to decode"
+    return f"{sampler}\na prior it was never trained for"
 
 
 def show(ax, image, title=None):
@@ -324,7 +347,6 @@ def write_latent_evolution(histories, axes_of, labels, dataset, path, *, seconds
     GIF, one frame per recorded epoch, on the latent scatter's principal axes `axes_of`. The
     figure is drawn once; each frame redraws only the points, the circles and the title over it
     (6x faster than a figure per frame) and pastes the legends back."""
-    from PIL import Image  # Pillow: installed with matplotlib
 
     recorded = [{r["epoch"] for r in history if "codes" in r} for history in histories.values()]
     epochs = sorted(set.intersection(*recorded))
@@ -386,27 +408,34 @@ def evolution_figure(points, latent_dims, last_epoch, labels, dataset):
 
 
 def plot_loss_curves(histories, path):
-    """histories: {"VAE": history, ...}; the train (running mean over each epoch) and test loss
-    per epoch. The y axis fits the epochs after the first, whose higher loss would flatten them."""
+    """histories: {"VAE": history, ...}; per epoch the train loss (a running mean over the epoch)
+    and the test loss, and for the VAE its test loss's two parts, the reconstruction term (BCE)
+    and the KL term, on a log scale, so that the first epoch and the KL term both show."""
     figure = Figure(figsize=(5.0 * len(histories), 4.0), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(histories)))
     for ax, (name, history) in zip(axes, histories.items()):
         epochs = [record["epoch"] for record in history]
         style = "o-" if len(history) <= 60 else "-"
-        for split, label in (("train", "train (running mean over the epoch)"), ("test", "test")):
-            ax.plot(epochs, [record[split]["loss"] for record in history], style, ms=3, label=label)
-        if len(history) > 2:
-            later = [r[split]["loss"] for r in history[max(1, len(history) // 50):]
-                     for split in ("train", "test")]
-            margin = 0.1 * (max(later) - min(later)) + 0.1
-            ax.set_ylim(min(later) - margin, max(later) + margin)
+        variational = "kl" in history[-1]["test"]
+        total = "negative ELBO" if variational else "BCE"
+        ax.plot(epochs, [record["train"]["loss"] for record in history], style, ms=3,
+                label="train (running mean over the epoch)")
+        ax.plot(epochs, [record["test"]["loss"] for record in history], style, ms=3,
+                label=f"test: {total}" + (" = BCE + KL" if variational else ""))
+        if variational:
+            for part, label in (("bce", "test: BCE, the reconstruction term"),
+                                ("kl", "test: KL(q(z | x) || N(0, I))")):
+                ax.plot(epochs, [record["test"][part] for record in history], "--", lw=1.2,
+                        label=label)
+        ax.set_yscale("log")
+        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_format(FormatStrFormatter("%g"))  # 60, not 6 x 10^1
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("loss per image (nats)")
-        ax.set_title(f"{name}: {'negative ELBO' if 'kl' in history[-1]['test'] else 'BCE'}",
-                     fontsize=11)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.set_ylabel("nats per image (log scale)")
+        ax.set_title(f"{name}: its loss, {total}", fontsize=11)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     utils.save_figure(figure, path)
 
 
@@ -768,12 +797,17 @@ def draw_arrows(ax, filled):
             arrow(ax, side, row[0][0], start=(0, 0.5), end=(1, 0.5))
     heads = [block for row in filled for block in row if block[1] == "head"]
     terms = [block for row in filled for block in row if block[1] == "term"]
-    if heads and terms:  # out of log sigma^2 to the right, down the edge, into the KL term
-        (head, _, top), (term, _, bottom) = heads[-1], terms[0]
+    if heads and terms:  # out of mu (over the heads) and log sigma^2 to the right, down the edge,
+        (head, _, top), (term, _, bottom) = heads[-1], terms[0]  # into the KL term
         orange = {"color": "#d9822b", "lw": 1.3}
+        rows = [row[0][2] for row in filled]  # each row's y
+        above = (top + rows[rows.index(top) - 1]) / 2  # halfway up to the row above the heads
         arrow(ax, head, "data", start=(1, 0.5), end=(0.97, top), arrowstyle="-", shrinkB=0,
               **orange)
-        ax.plot([0.97, 0.97], [top, bottom], **orange)
+        if len(heads) > 1:
+            arrow(ax, heads[-2][0], "data", start=(0.5, 1), end=(0.97, above), arrowstyle="-",
+                  shrinkB=0, connectionstyle="angle,angleA=90,angleB=0,rad=0", **orange)
+        ax.plot([0.97, 0.97], [above if len(heads) > 1 else top, bottom], **orange)
         ax.text(0.985, (top + bottom) / 2, r"$\mu$ and $\log\sigma^2$", rotation=90, ha="center",
                 va="center", fontsize=9, color="#d9822b")  # the KL term reads both heads
         arrow(ax, "data", term, start=(0.97, bottom), end=(1, 0.5), shrinkA=0, **orange)

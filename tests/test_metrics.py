@@ -316,6 +316,20 @@ def test_a_conditional_models_likelihood_summed_over_labels_is_its_likelihood_wh
     assert metrics.iwae_nll_over_labels(model, x, 20) == pytest.approx(given, rel=1e-9)
 
 
+def test_the_conditional_vae_classifies_by_bayes_rule_from_its_ten_bounds():
+    log_likelihoods = torch.full((10, 4), -100.0, dtype=torch.float64)
+    log_likelihoods[3, 0] = log_likelihoods[7, 1] = log_likelihoods[2, 2] = -90.0  # 3, 7, 2 by e^10
+    log_likelihoods[:, 3] = -95.0  # no evidence: p(y | x) = 1/10 each, argmax the first label
+    scores = metrics.label_from_likelihoods(log_likelihoods, torch.tensor([3, 7, 5, 0]))
+    assert scores["accuracy"] == 0.75  # 3, 7 and the tie's 0 right; 2 for a 5 wrong
+    p_right = 1 / (1 + 9 * math.exp(-10))
+    expected = (2 * p_right + (1 - p_right) / 9 + 0.1) / 4
+    assert scores["mean_probability_of_the_true_label"] == pytest.approx(expected, rel=1e-9)
+    given = metrics.iwae_log_likelihoods_per_label(
+        build_model(ModelConfig(kind="vae", latent_dim=3, hidden_dim=32, condition="label")), binary_images(n=5), 7)
+    assert given.shape == (10, 5) and given.dtype == torch.float64
+
+
 def test_the_share_of_samples_that_are_the_label_asked_for():
     asked = torch.tensor([0, 0, 1, 1, 2])
     samples = torch.full((5, 784), 0.01)
