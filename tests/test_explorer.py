@@ -530,3 +530,106 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit("usage: python tests/test_explorer.py PAGE.html OUT.png")
     screenshot(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+# ------------------------------------------------------------------ markers, the pad's view, the conditional page
+
+def test_every_marker_is_in_the_legend_and_no_ellipse_takes_a_class_colour(browser, pages):
+    open_page(browser, pages["both"][0])
+    legend = browser.find_element("id", "marker-legend").text
+    for words in ("cursor", "linked", "x the selected test image", "A B t", "interpolation", "D your drawing",
+                  "the prior N(0, I)"):
+        assert words in legend, (words, legend)
+    colors = browser.execute_script("return window.explorer.markerColors()")
+    classes = {color.lower() for color in plots.tab10_colors()}
+    assert colors["selected"].lower() not in classes and colors["drawn"].lower() not in classes
+    assert not console_errors(browser)
+
+
+def test_small_copies_of_the_planes_beside_the_pad_keep_d_in_view_while_drawing(browser, pages):
+    open_page(browser, pages["both"][0])
+    before = {name: canvas_image(browser, f"mini-{name}") for name in ("VAE", "AE")}
+    draw_stroke(browser, SEVEN)  # scrolls the pad into view
+    for name in ("VAE", "AE"):
+        assert canvas_image(browser, f"mini-{name}") != before[name]  # D and its ellipses drawn there
+        assert browser.execute_script(  # on screen with the pad, the plane's own card off it
+            "const box = arguments[0].getBoundingClientRect();"
+            "return box.top >= 0 && box.bottom <= window.innerHeight",
+            browser.find_element("id", f"mini-{name}"))
+    mini = browser.execute_script(  # the copy is the plane, scaled
+        "const mini = document.getElementById('mini-VAE'), copy = document.createElement('canvas');"
+        "copy.width = mini.width; copy.height = mini.height;"
+        "copy.getContext('2d').drawImage(document.querySelector('canvas.plane[data-model=\"VAE\"]'), 0, 0,"
+        " mini.width, mini.height); return [copy.toDataURL(), mini.toDataURL()]")
+    assert mini[0] == mini[1]
+    assert not console_errors(browser)
+
+
+def test_the_conditional_page_encodes_the_drawing_with_its_label_and_decodes_it_with_the_pickers(browser, pages):
+    path, trained = pages["conditional"]
+    open_page(browser, path)
+    assert browser.find_element("id", "encoder-label-picker").is_displayed()
+    browser.execute_script("window.explorer.setEncoderLabel(7); window.explorer.setLabel(2)")
+    draw_stroke(browser, SEVEN)
+    drawing, codes = browser.execute_script("return [window.explorer.drawing(), window.explorer.drawnCodes()]")
+    for name, model in trained.items():
+        assert np.abs(np.array(codes[name]["mu"]) - torch_codes(model, [drawing], 7)["mu"][0]).max() < 1e-3, name
+        shown = browser.execute_script(  # the reconstruction shown: the code decoded with the decoders' label, 2
+            f"const c = document.getElementById('drawn-{name}').getContext('2d').getImageData(0, 0, 28, 28).data;"
+            "return Array.from({length: 784}, (_, j) => c[4 * j] / 255)")
+        expected = torch_images(model, [codes[name]["mu"]], 2)[0]
+        assert np.abs(np.array(shown) - expected).max() <= 2 * ONE_LEVEL + 1e-3, name
+    caption = browser.find_element("id", "drawn-caption").text
+    assert "encoders are given the label 7" in caption and "the decoders 2" in caption
+    assert browser.execute_script("return window.explorer.encoderLabel()") == 7
+    assert not console_errors(browser)
+
+
+def mulberry32(seed):
+    """The page's generator, bit for bit (JavaScript's 32-bit integer arithmetic, masked)."""
+    state = seed & 0xFFFFFFFF
+
+    def draw():
+        nonlocal state
+        state = (state + 0x6D2B79F5) & 0xFFFFFFFF
+        r = ((state ^ (state >> 15)) * (1 | state)) & 0xFFFFFFFF
+        r = ((r + (((r ^ (r >> 7)) * (61 | r)) & 0xFFFFFFFF)) ^ r) & 0xFFFFFFFF
+        return ((r ^ (r >> 14)) & 0xFFFFFFFF) / 4294967296
+    return draw
+
+
+def page_gaussians(draw, count):
+    """The page's Box-Muller draws, as gaussians() makes them."""
+    out = []
+    while len(out) < count:
+        radius, angle = np.sqrt(-2 * np.log(1 - draw())), 2 * np.pi * draw()
+        out += [radius * np.cos(angle), radius * np.sin(angle)]
+    return out[:count]
+
+
+def test_the_conditional_page_guesses_the_drawn_digit_by_bayes_rule_as_torch_does(browser, pages):
+    path, trained = pages["conditional"]
+    open_page(browser, path)
+    vae, samples = trained["VAE"], browser.execute_script("return 16")  # GUESS_SAMPLES
+    pixels = torch.rand(784, generator=torch.Generator().manual_seed(5))
+    got = np.array(browser.execute_script("return window.explorer.labelProbabilities('VAE', arguments[0])",
+                                          pixels.tolist()))
+    log_likelihoods = []
+    for label in range(10):  # the same noise for every label, as the page and scoring draw it
+        draw = mulberry32(77)
+        eps = torch.tensor([page_gaussians(draw, vae.latent_dim) for _ in range(samples)], dtype=torch.float32)
+        with torch.no_grad():
+            log_weights = vae.log_importance_weights(pixels[None], samples, labels=torch.tensor([label]),
+                                                     eps=eps[:, None, :])[:, 0].double()
+        log_likelihoods.append(torch.logsumexp(log_weights, 0) - np.log(samples))
+    expected = torch.softmax(torch.stack(log_likelihoods), 0).numpy()
+    assert abs(got.sum() - 1) < 1e-9 and np.abs(got - expected).max() < 2e-3, (got, expected)
+    draw_stroke(browser, SEVEN)
+    guess = browser.execute_script("return window.explorer.guess()")
+    assert guess["label"] == int(np.argmax(guess["probabilities"])) and 0 < guess["probability"] <= 1
+    assert f"thinks it is a {guess['label']} (p = {guess['probability']:.2f})" in \
+        browser.find_element("id", "drawn-caption").text
+    open_page(browser, pages["both"][0])  # no conditional model: no guess, no encoder's label
+    draw_stroke(browser, SEVEN)
+    assert browser.execute_script("return window.explorer.guess()") is None
+    assert not browser.find_element("id", "encoder-label-picker").is_displayed()
