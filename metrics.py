@@ -101,7 +101,8 @@ def evaluate_loss(model, images, labels=None, *, seed=0, batch_size=2000):
 
 
 def batches(images, batch_size):
-    return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
+    """`images` `batch_size` rows at a time (batches_of without labels)."""
+    return (batch for batch, _ in batches_of(images, None, batch_size))
 
 
 def batches_of(images, labels, batch_size):
