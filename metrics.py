@@ -15,7 +15,7 @@ from tqdm import tqdm
 import checkpoint_files
 import utils
 from models import (NUM_CLASSES, VAE, LatentGaussian, PerceptualNet, bernoulli_nll_per_image,
-                    fitted_covariance, kl_per_dimension, label_vectors, reparameterize)
+                    code_moments, kl_per_dimension, label_vectors, reparameterize)
 from utils import IMAGE_SIDE
 
 CLASSIFIER_DIR = Path("checkpoints")  # one scoring classifier per dataset, for every run
@@ -311,7 +311,7 @@ def gaussian_kl_to_standard(codes):
     """KL( N(m, S) || N(0, I) ) for the Gaussian fitted to `codes` (N, D) (S with
     models.fitted_covariance's ridge, so that a collapsed dimension stays finite):
     0.5 (tr S + m.m - D - log det S)."""
-    mean, covariance = codes.detach().cpu().double().mean(dim=0), fitted_covariance(codes)
+    mean, covariance = code_moments(codes)
     log_det = torch.linalg.slogdet(covariance)[1]
     return 0.5 * (torch.trace(covariance) + mean @ mean - codes.shape[1] - log_det).item()
 

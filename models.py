@@ -250,8 +250,8 @@ def standard_normal(shape, generator, like):
 
 
 def moved(tensor, device):
-    """`tensor` on `device`; from the CPU to a GPU through pinned memory, so that the copy waits
-    for nothing the GPU has queued before it."""
+    """`tensor` on `device`; from the CPU to a GPU through pinned memory, so that the CPU does not
+    wait for the copy: it is queued on the current stream, behind the work queued there before."""
     if tensor.device.type == "cpu" and device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -291,12 +291,19 @@ class LatentGaussian:
     @classmethod
     def fitted(cls, codes):
         """The maximum-likelihood Gaussian of `codes` (N, D), with fitted_covariance's ridge."""
-        return cls(codes.mean(dim=0).cpu(), torch.linalg.cholesky(fitted_covariance(codes)).float())
+        mean, covariance = code_moments(codes)
+        return cls(mean.float(), torch.linalg.cholesky(covariance).float())
 
     def draw(self, count, generator=None):
         """(count, D) codes, drawn on the CPU (generator: a CPU torch.Generator)."""
         eps = torch.randn(count, len(self.mean), generator=generator)
         return self.mean + eps @ self.scale_tril.T
+
+
+def code_moments(codes):
+    """The mean (D,) and fitted_covariance (D, D) of `codes` (N, D), float64 on the CPU: the
+    Gaussian fitted to them, for sampling (LatentGaussian.fitted) and scoring."""
+    return codes.detach().cpu().double().mean(dim=0), fitted_covariance(codes)
 
 
 def fitted_covariance(codes, ridge=1e-6):
