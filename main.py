@@ -61,6 +61,10 @@ def parse_args(argv=None):
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.latent_study:  # a study now: each size a process of its own, run by studies.py
+        parser.error("--latent-study moved to studies.py: python studies.py latent --sizes "
+                     f"{' '.join(map(str, args.latent_study))} --checkpoint-dir "
+                     f"{args.checkpoint_dir} --figure-dir {args.figure_dir} -- [the other flags]")
     if args.eval and args.resume:
         parser.error("--eval and --resume exclude each other: --eval trains nothing")
     if args.slim and not args.eval:
@@ -189,8 +193,8 @@ def add_output_flags(group):
                        help="given: write metrics.json but no figure (a study's runs; --eval "
                             "draws them later); without it every figure is drawn")
     group.add_argument("--latent-study", nargs="+", type=number(int, 1), metavar="SIZE",
-                       help="one run per latent size, in CHECKPOINT_DIR/latent-SIZE and "
-                            "FIGURE_DIR/latent-SIZE, then latent_study.png and .json to compare")
+                       help="moved to studies.py (python studies.py latent --sizes SIZE ...), "
+                            "which runs each size in a process of its own; refused here")
 
 
 def add_scoring_flags(group):
@@ -281,12 +285,12 @@ def run_command(argv):
 
 def run(args, phases, stop):
     """Check the checkpoints, read the data, then for each run folder: train (unless --eval),
-    score and draw (report.py). Returns the metrics (with --latent-study, the study's table)."""
+    score and draw (report.py). Returns the metrics."""
     parser = build_parser()
     if args.compare:
         return report.compare_runs(args, phases, parser)
     with phases("loading the checkpoints"):  # a missing or bad one fails before the data is read
-        runs = [run_folders.open_run(run_args, parser) for run_args in run_folders.split_runs(args)]
+        runs = [run_folders.open_run(args, parser)]
     dataset = run_folders.dataset_of(args, runs)
     device = utils.pick_device(args.device)
     utils.use_device(device)
@@ -297,19 +301,15 @@ def run(args, phases, stop):
         data = utils.load_data(args.data_dir, dataset, device)
     for model in (model for run in runs for model in run.saved.values()):
         model.model.to(device)  # what --eval scores and --resume continues, read on the CPU
-    results = {}
     with run_folders.locked(runs, args.eval):
         for run in runs:
             saved = run.saved if args.eval else train_models(run.args, run.saved, data, device,
                                                              phases, stop, dataset)
-            results[run.args.latent_dim] = report.report(saved, data, dataset, run.args, phases)
-            report.print_summary(results[run.args.latent_dim], run.args)
+            results = report.report(saved, data, dataset, run.args, phases)
+            report.print_summary(results, run.args)
             if args.slim:
                 report.slim_checkpoints(saved)
-        if not args.latent_study:
-            return results[args.latent_dim]
-        with phases("drawing the figures"):
-            return report.write_study(args, results)
+    return results
 
 
 # ---------------------------------------------------------------------------------------- training

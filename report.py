@@ -1,7 +1,7 @@
 """What a run writes once its models are trained or read: their scores (metrics.py) in metrics.json,
 every figure (plots.py), and the summary it prints; and the reports over several run folders:
---latent-study's table, --compare's figure and table, and --slim's checkpoints, cut to what --eval
-reads. Trains nothing."""
+the latent-size study's table (for studies.py), --compare's figure and table, and --slim's
+checkpoints, cut to what --eval reads. Trains nothing."""
 import contextlib
 import json
 from pathlib import Path

@@ -29,16 +29,6 @@ class RunFolder:
     saved: dict
 
 
-def split_runs(args):
-    """One run's flags, or with --latent-study one per latent size, each in its own folders."""
-    if not args.latent_study:
-        return [args]
-    return [argparse.Namespace(**{**vars(args), "latent_dim": size, "latent_study": None,
-                                  "checkpoint_dir": f"{args.checkpoint_dir}/latent-{size}",
-                                  "figure_dir": f"{args.figure_dir}/latent-{size}"})
-            for size in dict.fromkeys(args.latent_study)]
-
-
 def open_run(run_args, parser):
     """The run of `run_args`: the models it covers (--models; with --eval by default those the
     folder holds) and the checkpoints --eval evaluates or --resume continues, each read and
@@ -110,8 +100,8 @@ def stop_message(signal_name, phase, args):
     if args.eval:
         return (f"stopped by {signal_name} while {phase}; the checkpoints are untouched; run the "
                 "same command again")
-    paths = [checkpoint_files.checkpoint_path(run_args.checkpoint_dir, kind)
-             for run_args in split_runs(args) for kind in args.models or MODEL_NAMES]
+    paths = [checkpoint_files.checkpoint_path(args.checkpoint_dir, kind)
+             for kind in args.models or MODEL_NAMES]
     command = shlex.join(["python", "main.py", *args.argv, "--resume"])  # works when pasted
     return (f"stopped by {signal_name} while {phase}; {checkpoint_files.saved_epochs(paths)}; "
             f"continue with: {command}")

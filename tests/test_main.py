@@ -225,25 +225,6 @@ def test_the_classifier_is_trained_once_per_dataset_whatever_the_folders(synthet
     assert evaluated["classifier"]["file"] == "checkpoints/classifier-fashion-mnist.pt"
 
 
-def test_latent_study_keeps_each_run_apart_and_compares_them(synthetic_mnist, tmp_path):
-    from PIL import Image
-
-    study_flags = flags(synthetic_mnist, tmp_path, "--hidden-dim", "16", "--epochs", "2", "--latent-study", "2", "3")
-    trained = main.main(study_flags)
-    for size in (2, 3):
-        checkpoint = checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / f"latent-{size}" / "vae.pt")
-        assert checkpoint["config"]["latent_dim"] == size
-        assert (tmp_path / "figures" / f"latent-{size}" / "metrics.json").is_file()
-        with Image.open(tmp_path / "figures" / f"latent-{size}" / "latent_evolution.gif") as gif:
-            assert gif.n_frames == 2  # one frame per epoch
-    assert set(trained) == {"2", "3"} and set(trained["2"]) == {"vae", "ae"}
-    assert {"mse", "psnr", "ssim", "test_loss", "test_nll_iwae"} <= set(trained["2"]["vae"])
-    assert (tmp_path / "figures" / "latent_study.png").is_file()
-    (tmp_path / "figures" / "latent_study.json").unlink()
-    evaluated = main.main([*study_flags, "--eval"])
-    assert evaluated == trained == json.loads((tmp_path / "figures" / "latent_study.json").read_text())
-
-
 def test_the_iwae_sample_count_changes_no_other_metric_and_eval_keeps_the_stored_one(synthetic_mnist, tmp_path):
     trained = main.main(flags(synthetic_mnist, tmp_path, "--hidden-dim", "16", "--no-figures"))  # 10 samples
     kept = main.main(["--data-dir", str(synthetic_mnist), "--checkpoint-dir", str(tmp_path / "checkpoints"),
@@ -351,7 +332,8 @@ def test_no_checkpoint_advice_trains_into_the_folder_asked_for(tmp_path, capsys,
 def test_each_module_imports_only_the_ones_below_it():
     import ast
 
-    order = ["utils", "models", "checkpoint_files", "training", "metrics", "plots", "run_folders", "report", "main"]
+    order = ["utils", "models", "checkpoint_files", "training", "metrics", "plots", "run_folders", "report", "main",
+             "studies"]
     assert {path.stem for path in ROOT.glob("*.py")} == {*order, "benchmark"}  # a new module takes its place here
     for position, name in enumerate(order):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
