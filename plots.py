@@ -89,7 +89,7 @@ def panel_title(sampler):
     """A sampler's name as a panel's title that reads alone: what the codes are drawn from, and
     what that means for the model."""
     if "Gaussian fitted" in sampler:
-        return sampler.replace("Gaussian fitted", "\nGaussian fitted") + " (its fair chance)"
+        return sampler.replace("Gaussian fitted", "\nGaussian fitted") + "\n(its fair chance)"
     if sampler.startswith("VAE"):
         return f"{sampler}\nthe prior it was trained to decode"
     return f"{sampler}\na prior it was never trained for"
