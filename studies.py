@@ -90,19 +90,19 @@ def build_parser():
         "runs' own main.py flags follow `--`.")
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True,
                                   parser_class=OneLineErrorParser)
-    seeds = kinds.add_parser("seeds", help="N seeds of one main.py command")
+    seeds = add_kind(kinds, "seeds", help="N seeds of one main.py command")
     seeds.add_argument("--seeds", metavar="N", type=main_py.number(int, 1), required=True,
                        help="how many seeds: --first-seed, the one after, ...")
-    grid = kinds.add_parser("grid", help="every combination of a few flags' values")
+    grid = add_kind(kinds, "grid", help="every combination of a few flags' values")
     grid.add_argument("--grid", metavar="FLAG=V1,V2", nargs="+", required=True,
                       help="a main.py flag and its values, e.g. latent-dim=2,4,16 beta=1,2")
     grid.add_argument("--seeds", metavar="N", type=main_py.number(int, 1), default=1,
                       help="seeds of each combination")
-    latent = kinds.add_parser("latent", help="one run per latent size, then latent_study.png "
+    latent = add_kind(kinds, "latent", help="one run per latent size, then latent_study.png "
                               "and latent_study.json (docs/experiments.md)")
     latent.add_argument("--sizes", metavar="SIZE", nargs="+", type=main_py.number(int, 1),
                         required=True, help="the latent sizes")
-    comparison = kinds.add_parser("comparison", help="the sharpness variants of "
+    comparison = add_kind(kinds, "comparison", help="the sharpness variants of "
                                   "docs/experiments.md, each then slimmed (--eval --slim), then "
                                   "main.py --compare against the reference run")
     comparison.add_argument("--only", metavar="NAME", nargs="+", choices=list(COMPARISON_VARIANTS),
@@ -165,15 +165,19 @@ def add_launcher_flags(group):
 
 
 def add_reading_kinds(kinds):
-    aggregate = kinds.add_parser("aggregate", help="mean, standard deviation, n, min and max of "
+    aggregate = add_kind(kinds, "aggregate", help="mean, standard deviation, n, min and max of "
                                  "every number over the runs that differ only in seed: "
                                  "STUDY_DIR/metrics.json, study.md and study.png")
     aggregate.add_argument("study_dir", metavar="STUDY_DIR", type=main_py.folder,
                            help="a folder of run folders, each with its metrics.json")
-    compare = kinds.add_parser("compare", help="each headline number of two studies (one "
+    compare = add_kind(kinds, "compare", help="each headline number of two studies (one "
                                "setting each), their difference with its spread")
     compare.add_argument("study_dirs", metavar="STUDY_DIR", nargs=2, type=main_py.folder,
                          help="the two studies: the second's numbers minus the first's")
+
+
+def add_kind(kinds, name, **settings):
+    return kinds.add_parser(name, formatter_class=main_py.HelpFormatter, **settings)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -398,8 +402,8 @@ def run_settings(flags):
 class RunJob:
     """What a run executes on either launcher: its main.py commands one after the other, each
     with the run's torch threads and its output appended to the run's log; the exit code of the
-    first that fails, else 0. A Slurm job of the array calls it; it uses the standard library
-    only, so that the node needs nothing of this repository's but main.py."""
+    first that fails, else 0. A Slurm job of the array calls it: it uses the standard library
+    only, so that pickled by value (from studies.py run as a script) it needs no import of ours."""
 
     def __init__(self, commands, cwd, log, threads=None):
         self.commands, self.cwd, self.log, self.threads = commands, cwd, log, threads
@@ -451,7 +455,8 @@ def local_concurrency(args, count):
 def run_locally(todo, args, stop):
     """Run each RunJob (by run name) as local processes, a few at once; return {name: exit
     code} of those that ran. A stop (Ctrl-C, SIGTERM) is passed to the running ones, which save
-    and end as main.py does; those not started then are left out."""
+    and end as main.py does; those not started then are left out. (Not submitit's LocalExecutor:
+    it starts every job at once and kills a job a second after passing it Ctrl-C; docs/speed.md.)"""
     at_once, threads = local_concurrency(args, len(todo))
     print(f"running {utils.counted(len(todo), 'run')} on this machine, {at_once} at once with "
           f"{utils.counted(threads, 'torch thread')} each")
@@ -568,6 +573,8 @@ def run_on_slurm(todo, args, study, stop):
     array = next(iter(jobs.values())).job_id.split("_")[0]
     for name, job in jobs.items():
         print(f"{name}: Slurm job {job.job_id}, its log {todo[name].log}")
+        utils.write_atomically(Path(todo[name].log).parent / "slurm-job",
+                               lambda file, job=job: file.write(f"{job.job_id}\n".encode()))
     print(f"{clock()} submitted {utils.counted(len(jobs), 'run')} as Slurm job array {array}: "
           f"watch them with squeue -j {array}, cancel them with scancel {array}")
     if not args.wait:
@@ -638,7 +645,7 @@ def run_study(args, stop):
     study = study_of(args)
     launcher = pick_launcher(args)
     with study_lock(study.folder):
-        todo = runs_to_do(study)
+        todo, queued = runs_to_do(study)
         started = time.perf_counter()
         with stop.polled():  # a signal is passed to the runs, which save and end
             codes = {} if not todo else run_locally(todo, args, stop) if launcher == "local" \
@@ -651,6 +658,8 @@ def run_study(args, stop):
         failed = {name: code for name, code in codes.items() if code != 0}
         if stop.reason or any(code == 130 for code in failed.values()):
             raise utils.ProjectError(stopped_line(stop, todo, codes, args), exit_code=130)
+        if queued:
+            raise utils.ProjectError(queued_line(queued, args))
         result = finish_study(study, args, failed)
     if failed:
         raise utils.ProjectError(failed_line(study, failed))
@@ -658,18 +667,31 @@ def run_study(args, stop):
 
 
 def runs_to_do(study):
-    """{name: RunJob} of the runs not finished, each run's flags recorded (or checked against
-    those recorded); says how many are finished, stopped and new."""
-    states = {run.name: run_state(run) for run in study.runs}
+    """({name: RunJob} of the runs not finished, {name: Slurm job id} of those an earlier
+    submission still holds in Slurm's queue, which are never submitted twice); each run's flags
+    recorded (or checked against those recorded); says how many are in each state."""
+    queued = {run.name: job for run in study.runs for job in [still_queued(run)] if job}
+    states = {run.name: "queued" if run.name in queued else run_state(run) for run in study.runs}
     todo = {}
     for run in study.runs:
         record_run(run)
-        commands = commands_of(run, states[run.name])
+        commands = [] if run.name in queued else commands_of(run, states[run.name])
         if commands:
             todo[run.name] = RunJob([[sys.executable, str(MAIN_SCRIPT), *argv]
                                      for argv in commands], os.getcwd(), str(run.log))
     say_states(states, todo)
-    return todo
+    return todo, queued
+
+
+def still_queued(run):
+    """The id of the Slurm job that an earlier submission of this run left pending or running,
+    or None."""
+    path = run.figure_dir / "slurm-job"
+    if not utils.is_file(path) or not shutil.which("squeue"):
+        return None
+    job_id = path.read_text().strip()
+    queued = jobs_in_queue(job_id.split("_")[0])
+    return job_id if queued is None or job_id in queued else None
 
 
 def study_lock(folder):
@@ -694,7 +716,7 @@ def study_lock(folder):
 
 def say_states(states, todo):
     counts = {state: sum(value == state for value in states.values())
-              for state in ("finished", "stopped", "new", "evaluate")}
+              for state in ("finished", "stopped", "new", "evaluate", "queued")}
     print(f"{utils.counted(len(states), 'run')}: " + ", ".join(
         f"{count} {state}" for state, count in counts.items() if count)
           + ("" if todo else "; nothing to run"))
@@ -705,6 +727,13 @@ def stopped_line(stop, todo, codes, args):
     return (f"stopped by {stop.reason or 'a signal to its runs'}; {len(codes) - len(unfinished)} "
             f"of {utils.counted(len(todo), 'run')} finished, the others' checkpoints are kept ("
             f"{', '.join(unfinished)}); continue with: {shlex.join(args.command)}")
+
+
+def queued_line(queued, args):
+    arrays = " ".join(dict.fromkeys(job.split("_")[0] for job in queued.values()))
+    return (f"{utils.counted(len(queued), 'run')} of an earlier submission still in Slurm's queue "
+            f"({', '.join(f'{name}: job {job}' for name, job in queued.items())}): watch them "
+            f"with squeue -j {arrays.replace(' ', ',')}; once they end: {shlex.join(args.command)}")
 
 
 def failed_line(study, failed):
@@ -927,21 +956,26 @@ def leaf(tree, path):
     return tree if isinstance(tree, dict) and "mean" in tree else None
 
 
-def formatted(value):
+def formatted(value, decimals=None):
+    """A number to `decimals` places; by default 2 from 10 up, 3 from 1, else 4."""
     if value is None:
         return "-"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}" if abs(value) >= 1 \
-        else f"{value:.4f}"
+    if decimals is None:
+        decimals = 2 if abs(value) >= 10 else 3 if abs(value) >= 1 else 4
+    return f"{value:.{decimals}f}"
 
 
 def spread_cell(summary, with_range=True):
-    """'mean ± sd [min, max]' (one run: its number)."""
+    """'mean ± sd [min, max]', the sd to two significant digits and the others to its last one
+    (one run: its number)."""
     if summary is None:
         return ""
-    if summary["n"] == 1:
+    if summary["n"] == 1 or not summary["sd"]:
         return formatted(summary["mean"])
-    text = f"{formatted(summary['mean'])} ± {formatted(summary['sd'])}"
-    return text + f" [{formatted(summary['min'])}, {formatted(summary['max'])}]" * with_range
+    decimals = max(0, 1 - math.floor(math.log10(summary["sd"])))
+    text = f"{formatted(summary['mean'], decimals)} ± {formatted(summary['sd'], decimals)}"
+    return text + (f" [{formatted(summary['min'], decimals)}, "
+                   f"{formatted(summary['max'], decimals)}]") * with_range
 
 
 def headline_table(group):
@@ -958,9 +992,8 @@ def aggregate_markdown(aggregate, folder):
     """study.md: per group, its headline table and a row for every number."""
     parts = [f"# The study in {folder}", "", AGGREGATE_NOTES + " Cells: mean ± sd [min, max]."]
     for group in aggregate["groups"]:
-        seeds = ", ".join(map(str, group["seeds"]))
         parts += ["", f"## {group['label']}: {utils.counted(len(group['runs']), 'run')} "
-                  f"(seeds {seeds})", "", f"Runs: {', '.join(group['runs'])}.", "",
+                  f"(seeds {seed_list(group)})", "", f"Runs: {', '.join(group['runs'])}.", "",
                   headline_table(group), "", "Every number (lists in metrics.json):", "",
                   "| number | mean | sd | n | min | max |", "|---|---|---|---|---|---|"]
         for key, summary in summaries(group["metrics"]):
@@ -997,8 +1030,9 @@ def plot_spread(aggregate, runs, path):
                 values = [number_at(runs[name], model_path) for name in group["runs"]]
                 draw_runs(ax, x, [value for value in values if value is not None], summary,
                           "tab:blue" if title.startswith("VAE") else "tab:orange")
-        ax.set_xticks(range(len(aggregate["groups"])),
-                      [group["label"] for group in aggregate["groups"]], fontsize=7)
+        ax.set_xticks(range(len(aggregate["groups"])), [
+            group["label"] if len(aggregate["groups"]) > 1 else f"seeds {seed_list(group)}"
+            for group in aggregate["groups"]], fontsize=7)
         ax.set_xlim(-0.6, len(aggregate["groups"]) - 0.4)
         ax.set_title(title, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -1008,6 +1042,14 @@ def plot_spread(aggregate, runs, path):
     figure.suptitle(f"{path.parent}: each run a dot, its group's mean a line, ± one standard "
                     "deviation a bar", fontsize=11)
     utils.save_figure(figure, path)
+
+
+def seed_list(group):
+    """"0-4" for seeds 0, 1, 2, 3, 4; else the seeds, comma-separated."""
+    seeds = group["seeds"]
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def draw_runs(ax, x, values, summary, color):

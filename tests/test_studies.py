@@ -1,5 +1,6 @@
 """studies.py: seeds, grids, the latent study and the comparison as studies of main.py runs, on both
 launchers (Slurm where a cluster answers: tests/start_slurm.sh starts one), and the aggregate."""
+import argparse
 import json
 import os
 import shutil
@@ -79,6 +80,9 @@ def test_a_seeds_study_runs_each_seed_in_its_folder_then_aggregates_and_skips_th
     assert "2 runs: 2 finished; nothing to run" in capsys.readouterr().out
     assert again == aggregate
     assert (tmp_path / "s" / "seed-0" / "metrics.json").stat().st_mtime_ns == written
+    code, line = expecting_error(["seeds", "--seeds", 1, "--study-dir", tmp_path / "s", "--",
+                                  *tiny, "--beta", "2"], capsys)
+    assert code == 2 and "s/seed-0/ holds a run with --beta 1.0, not 2.0 (its run.json)" in line, line
 
 
 def test_a_half_done_study_skips_the_finished_run_and_resumes_the_stopped_one(tmp_path, tiny, capsys):
@@ -152,20 +156,44 @@ def test_flags_that_cannot_make_a_study_are_one_line(argv, expected, capsys):
     assert code == 2 and expected in line, line
 
 
-def test_two_studies_cannot_write_one_folder_and_slurm_needs_sbatch(tmp_path, tiny, capsys, monkeypatch):
+def test_two_studies_cannot_write_one_folder(tmp_path, tiny, capsys):
     with utils.FolderLock(tmp_path / "s"):
-        code, line = expecting_error(["seeds", "--seeds", 2, "--study-dir", tmp_path / "s", "--",
-                                      *tiny], capsys)
+        code, line = expecting_error(["seeds", "--seeds", 2, "--study-dir", tmp_path / "s",
+                                      "--launcher", "local", "--", *tiny], capsys)
     assert code == 1 and f"{tmp_path / 's'}/ is in use by another study (process {os.getpid()})" in line
-    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
-    code, line = expecting_error(["seeds", "--seeds", 2, "--study-dir", tmp_path / "s",
-                                  "--launcher", "slurm", "--", *tiny], capsys)
+
+
+def test_the_launcher_is_slurm_where_sbatch_is_on_the_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert studies.pick_launcher(argparse.Namespace(launcher="auto")) == "local"
+    code, line = expecting_error(["seeds", "--seeds", 2, "--study-dir", tmp_path / "s", "--launcher", "slurm"],
+                                 capsys)
     assert code == 2 and "sbatch is not on the PATH" in line, line
-    study("seeds", "--seeds", 1, "--study-dir", tmp_path / "s", "--", *tiny)  # auto: local here
-    assert "running 1 run on this machine" in capsys.readouterr().out
-    code, line = expecting_error(["seeds", "--seeds", 1, "--study-dir", tmp_path / "s", "--",
-                                  *tiny, "--beta", "2"], capsys)
-    assert code == 2 and "s/seed-0/ holds a run with --beta 1.0, not 2.0 (its run.json)" in line, line
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    assert studies.pick_launcher(argparse.Namespace(launcher="auto")) == "slurm"
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_a_run_still_in_slurms_queue_is_not_submitted_again(tmp_path, tiny, monkeypatch, capsys):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "squeue").write_text("#!/bin/sh\necho 7_1\n")  # job 7_1 pending
+    (tmp_path / "bin" / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    for seed in (0, 1):
+        (tmp_path / "s" / f"seed-{seed}").mkdir(parents=True)
+        (tmp_path / "s" / f"seed-{seed}" / "slurm-job").write_text(f"7_{seed}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # seed-0's job left the queue: it runs here
+        study("seeds", "--seeds", 2, "--study-dir", tmp_path / "s", "--launcher", "local", "--", *tiny)
+    printed = capsys.readouterr()
+    code, line = exited.value.code, check_error_line(printed.err)
+    assert "2 runs: 1 new, 1 queued" in printed.out, printed.out
+    assert code == 1 and "1 run of an earlier submission still in Slurm's queue (seed-1: job 7_1): watch " \
+                          "them with squeue -j 7; once they end: python studies.py seeds" in line, line
+    assert (tmp_path / "s" / "seed-0" / "metrics.json").is_file()
+    assert not (tmp_path / "s" / "seed-1" / "log.txt").exists()
 
 
 # --------------------------------------------------------------------------------- the aggregate
@@ -193,7 +221,7 @@ def test_the_aggregate_sums_up_known_numbers_per_setting(tmp_path, capsys):
     assert first["metrics"]["vae"]["flags"]["seed"]["max"] == 2 and first["seeds"] == [0, 1, 2]
     assert second["runs"] == ["seed-10"] and second["metrics"]["vae"]["test"]["loss"]["sd"] is None
     table = (tmp_path / "s" / "study.md").read_text()
-    assert "| 102.00 ± 2.000 [100.00, 104.00] |" in table and "| vae.test.loss | 102.00 | 2.000 | 3 |" in table
+    assert "| 102.0 ± 2.0 [100.0, 104.0] |" in table and "| vae.test.loss | 102.00 | 2.000 | 3 |" in table
     fake_run(tmp_path / "s" / "other", 0, 1.0, dataset="fashion-mnist")
     code, line = expecting_error(["aggregate", tmp_path / "s"], capsys)
     assert code == 2 and "an aggregate sums up runs of one dataset" in line, line
@@ -205,7 +233,7 @@ def test_compare_gives_each_difference_with_its_spread(tmp_path, capsys):
         fake_run(tmp_path / "b" / f"seed-{seed}", seed, b)
     table = study("compare", tmp_path / "a", tmp_path / "b")
     # b - a = 98 - 102 = -4, sd 2 and 1: standard error sqrt(4 / 3 + 1 / 3) = 1.29
-    assert "| 102.00 ± 2.000 (n 3) | 98.00 ± 1.000 (n 3) | -4 ± 1.3 (3.1 se) |" in table, table
+    assert "| 102.0 ± 2.0 (n 3) | 98.0 ± 1.0 (n 3) | -4 ± 1.3 (3.1 se) |" in table, table
 
 
 def test_a_run_folder_is_not_overwritten_by_an_aggregate(tmp_path, capsys):
