@@ -70,7 +70,7 @@ def test_a_writer_whose_own_error_hides_the_file_systems_gets_the_file_systems_r
 
 # ------------------------------------------------------------------------------------------ a key held down
 
-@pytest.mark.parametrize("start", ["in training", "from the first instant"])
+@pytest.mark.parametrize("start", ["in training", "while torch imports"])
 def test_ctrl_c_held_down_ends_the_run_with_one_line(tmp_path, start):
     data_dir = make_synthetic_mnist(tmp_path / "mnist", n_train=2048, n_test=64)
     out = tmp_path / "run"
@@ -80,8 +80,8 @@ def test_ctrl_c_held_down_ends_the_run_with_one_line(tmp_path, start):
         deadline = time.monotonic() + 120
         while not (out / "checkpoints" / "vae.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-    else:
-        time.sleep(0.05)
+    else:  # Python's own start comes first (README: its first hundredths of a second), then the imports
+        time.sleep(0.6)
     for _ in range(1500):  # a key's auto-repeat: a signal every 20 ms until the process has gone
         if process.poll() is not None:
             break
