@@ -137,16 +137,7 @@ def print_summary(scores, run_args):
                   f"rule): right for {percent(m['label_from_likelihoods']['accuracy'])} of the "
                   "test images")
     for label, sample_scores in scores["samples"].items():
-        asked = sample_scores.get("asked_for_share")
-        asked_text = "" if asked is None else f", {100 * asked:.1f}% the label asked for"
-        print(f"samples {label}: Frechet distance {sample_scores['frechet_distance']:.1f}, "
-              f"{100 * sample_scores['confident_share']:.1f}% confident, class entropy "
-              f"{sample_scores['class_entropy_bits']:.2f} bits{asked_text}")
-        if asked is not None and asked < UNUSED_LABEL_SHARE and label.startswith("VAE"):
-            # the VAE's decoder learns to lean on its label (the AE's hardly does, however long)
-            print(f"note: after {utils.counted(scores['vae']['epochs'], 'epoch')} the VAE's decoder "
-                  f"barely uses its label ({100 * asked:.0f}% of samples are the digit asked for, "
-                  "10% by chance): train longer (the committed conditional run: 30 epochs)")
+        print_sample_scores(label, sample_scores, scores)
     for name, paths in scores["interpolation"].items():
         print(f"interpolation {name}: midpoints' Frechet distance "
               f"{paths['midpoint_frechet_distance']['mean']:.1f}, "
@@ -166,6 +157,20 @@ def print_summary(scores, run_args):
 
 
 UNUSED_LABEL_SHARE = 0.5  # below it, a conditional run's samples show the label barely used
+
+
+def print_sample_scores(label, sample_scores, scores):
+    """A sampler's line; for a conditional VAE that barely uses its label yet, a note saying so."""
+    asked = sample_scores.get("asked_for_share")
+    asked_text = "" if asked is None else f", {100 * asked:.1f}% the label asked for"
+    print(f"samples {label}: Frechet distance {sample_scores['frechet_distance']:.1f}, "
+          f"{100 * sample_scores['confident_share']:.1f}% confident, class entropy "
+          f"{sample_scores['class_entropy_bits']:.2f} bits{asked_text}")
+    if asked is not None and asked < UNUSED_LABEL_SHARE and label.startswith("VAE"):
+        # the VAE's decoder learns to lean on its label (the AE's hardly does, however long)
+        print(f"note: after {utils.counted(scores['vae']['epochs'], 'epoch')} the VAE's decoder "
+              f"barely uses its label ({100 * asked:.0f}% of samples are the digit asked for, "
+              "10% by chance): train longer (the committed conditional run: 30 epochs)")
 
 
 def percent(share):

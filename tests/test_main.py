@@ -341,3 +341,12 @@ def test_each_module_imports_only_the_ones_below_it():
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         above = set(order) if name in ("utils", "models") else set(order[position:])  # both import none of ours
         assert not imported & above, f"{name}.py imports {imported & above}"
+
+
+def test_a_conditional_run_too_short_to_use_its_label_says_so(synthetic_mnist, tmp_path, capsys):
+    scores = main.main(flags(synthetic_mnist, tmp_path, "--epochs", "1", "--condition", "label", "--no-figures"))
+    printed = capsys.readouterr().out
+    assert scores["samples"]["VAE, z ~ N(0, I)"]["asked_for_share"] < 0.5
+    assert "note: after 1 epoch the VAE's decoder barely uses its label" in printed
+    assert "as a classifier (the label y of largest p(x | y), by Bayes' rule): right for" in printed
+    assert 0 <= scores["vae"]["label_from_likelihoods"]["accuracy"] <= 1
