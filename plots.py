@@ -418,8 +418,9 @@ def plot_loss_curves(histories, path):
         style = "o-" if len(history) <= 60 else "-"
         variational = "kl" in history[-1]["test"]
         total = "negative ELBO" if variational else "BCE"
+        trained_on = "the negative IWAE bound, " if "iwae" in history[-1]["train"] else ""
         ax.plot(epochs, [record["train"]["loss"] for record in history], style, ms=3,
-                label="train (running mean over the epoch)")
+                label=f"train ({trained_on}running mean over the epoch)")
         ax.plot(epochs, [record["test"]["loss"] for record in history], style, ms=3,
                 label=f"test: {total}" + (" = BCE + KL" if variational else ""))
         if variational:
