@@ -221,20 +221,12 @@ def iwae_nll(model, images, num_samples, labels=None, *, seed=0, batch_size=IWAE
 
 
 @torch.inference_mode()
-def iwae_nll_over_labels(model, images, num_samples, *, seed=0, progress=False, per_call=None):
-    """A conditional model's -log p(x), mean over `images`: p(x) = (1/10) sum_y p(x | y), with
-    p(y) = 1/10 and each p(x | y) estimated as iwae_nll does, with `num_samples` samples and the
-    same noise for every label. Comparable with an unconditional VAE's bound."""
-    log_likelihoods = iwae_log_likelihoods_per_label(model, images, num_samples, seed=seed,
-                                                     progress=progress, per_call=per_call)
-    return nll_over_labels(log_likelihoods)
-
-
-@torch.inference_mode()
 def iwae_log_likelihoods_per_label(model, images, num_samples, *, seed=0, progress=False,
                                    per_call=None):
     """(10, N) float64 on the CPU: the IWAE bound on log p(x | y) of every image for every label
-    y, with `num_samples` samples and the same noise for every label (as iwae_nll draws it)."""
+    y, with `num_samples` samples and the same noise for every label (as iwae_nll draws it). A
+    conditional model's -log p(x), comparable with an unconditional VAE's bound, is
+    nll_over_labels of it; its classifier, label_from_likelihoods."""
     log_means, steps = [], NUM_CLASSES * math.ceil(len(images) / IWAE_BATCH)
     with iwae_progress(steps, f"IWAE bound, {num_samples} samples a label", progress) as bar:
         for label in range(NUM_CLASSES):

@@ -671,7 +671,7 @@ class StopRequest:
 
     def __exit__(self, *exc_info):
         for number, handler in self.previous.items():
-            signal.signal(number, self.afterwards or handler)
+            signal.signal(number, handler if self.afterwards is None else self.afterwards)
 
     def handle(self, number, frame):
         first = self.reason is None
